@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Launch training with torchrun.
+#   CONFIG_FILE=train_configs/debug_vlm.toml NGPU=1 ./run_train.sh --training.steps 20
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on every node (README: Multi-node).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_vlm.toml}
+NGPU=${NGPU:-1}
+NNODES=${NNODES:-1}
+
+if [ "$NNODES" -gt 1 ]; then
+    rdzv=(--nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" --rdzv_backend=c10d
+          --rdzv_endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}"
+          --rdzv_id="${RDZV_ID:-titan_mm}")
+else
+    rdzv=(--standalone --nnodes=1)
+fi
+
+exec torchrun "${rdzv[@]}" --nproc_per_node="$NGPU" --local-ranks-filter="${LOG_RANK:-0}" \
+    train.py --job.config_file "$CONFIG_FILE" "$@"

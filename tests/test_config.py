@@ -1,0 +1,76 @@
+"""Config: TOML + overrides, and bad keys or values stop the run with a message naming them."""
+
+import subprocess
+import sys
+
+import pytest
+
+from titan_mm.config import ConfigError, JobConfig, field_docs, load_toml, parse_args, to_toml
+
+DEBUG = "train_configs/debug_vlm.toml"
+
+
+def test_toml_and_overrides_merge():
+    cfg, _ = parse_args(["--job.config_file", DEBUG, "--training.steps", "7", "--optimizer.lr=0.01",
+                         "--checkpoint.enable", "false"])
+    assert cfg.training.steps == 7 and cfg.optimizer.lr == 0.01 and cfg.checkpoint.enable is False
+    assert cfg.data.max_patches_per_image == 64  # from the TOML file
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training]\nstepz = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'training.stepz'.*bad.toml"):
+        parse_args(["--job.config_file", str(bad)])
+
+
+def test_unknown_section_and_override():
+    with pytest.raises(ConfigError, match="unknown config section 'trainin'"):
+        parse_args(["--trainin.steps", "3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.flavour'.*command line"):
+        parse_args(["--model.flavour", "x"])
+
+
+@pytest.mark.parametrize("arg,value,message", [
+    ("training.steps", "ten", "expects an integer"),
+    ("training.steps", "0", "must be > 0"),
+    ("optimizer.lr", "fast", "expects a number"),
+    ("checkpoint.enable", "maybe", "expects true or false"),
+    ("lr_scheduler.decay_type", "exp", "is not one of"),
+    ("lr_scheduler.min_lr_ratio", "2", r"must be in \[0, 1\]"),
+])
+def test_wrong_type_or_impossible_value(arg, value, message):
+    with pytest.raises(ConfigError, match=f"{arg}.*{message}|{message}"):
+        parse_args([f"--{arg}", value])
+
+
+def test_merged_config_round_trips_through_toml(tmp_path):
+    cfg, _ = parse_args(["--job.config_file", DEBUG, "--training.steps", "11"])
+    path = tmp_path / "merged.toml"
+    path.write_text(to_toml(cfg))
+    again = JobConfig()
+    load_toml(again, str(path))
+    assert again == cfg
+
+
+def test_every_field_has_a_docstring():
+    import dataclasses
+    for section in dataclasses.fields(JobConfig):
+        cls = section.default_factory
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"[{section.name}] fields without a docstring: {missing}"
+
+
+def test_cli_reports_config_errors_before_building_anything():
+    out = subprocess.run([sys.executable, "train.py", "--job.config_file", DEBUG, "--data.bogus", "1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "unknown config key 'data.bogus'" in out.stderr
+    assert "model llava" not in out.stdout + out.stderr  # stopped before the model was built
+
+
+def test_print_config_prints_merged_toml():
+    out = subprocess.run([sys.executable, "train.py", "--job.config_file", DEBUG, "--training.steps", "5",
+                          "--print-config"], capture_output=True, text=True, check=True)
+    assert "[training]\nsteps = 5" in out.stdout

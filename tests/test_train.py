@@ -1,0 +1,89 @@
+"""Training loop: exact resume, checkpoints, logs, and the model learning to use its images."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_config, train_losses
+from titan_mm.train.checkpoint import CheckpointManager
+from titan_mm.train.lr_scheduler import lr_multiplier
+from titan_mm.config import LRScheduler
+
+
+def test_resume_after_stop_gives_identical_losses(tiny_cfg):
+    """20 steps straight vs 10 steps, stop, resume for 10 more: steps 11-20 equal bitwise (fp32 CPU)."""
+    straight = train_losses(tiny_cfg("--training.steps", "20", "--checkpoint.enable", "false"))
+    first = train_losses(tiny_cfg("--training.steps", "20", "--checkpoint.interval", "10"))
+    assert len(first) == 20
+    cfg = tiny_cfg("--training.steps", "20", "--checkpoint.interval", "10", "--checkpoint.load_step", "10")
+    # the first run went to step 20; resuming from its step-10 checkpoint replays steps 11-20
+    resumed = train_losses(cfg)
+    assert len(resumed) == 10
+    assert resumed == straight[10:], list(zip(resumed, straight[10:]))
+    assert first == straight
+
+
+def test_resume_picks_latest_checkpoint_and_keeps_latest_k(tiny_cfg):
+    cfg = tiny_cfg("--training.steps", "12", "--checkpoint.interval", "3", "--checkpoint.keep_latest_k", "2")
+    train_losses(cfg)
+    folder = os.path.join(cfg.job.dump_folder, "checkpoint")
+    assert sorted(os.listdir(folder)) == ["model-step-12", "step-12", "step-9"]
+    more = tiny_cfg("--training.steps", "14", "--checkpoint.interval", "3")
+    assert len(train_losses(more)) == 2  # resumed from step 12
+
+
+def test_missing_load_step_is_a_clear_error(tiny_cfg):
+    with pytest.raises(FileNotFoundError, match="checkpoint.load_step=5 not found"):
+        train_losses(tiny_cfg("--training.steps", "3", "--checkpoint.load_step", "5"))
+
+
+def test_initial_load_path_starts_from_exported_weights(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("--training.steps", "4")
+    train_losses(cfg)
+    export = os.path.join(cfg.job.dump_folder, "checkpoint", "model-step-4")
+    fresh = make_config(tmp_path / "b", "--training.seq_len", "256", "--data.max_images_per_row", "10",
+                        "--training.steps", "1", "--checkpoint.initial_load_path", export,
+                        "--checkpoint.enable", "true")
+    scratch = make_config(tmp_path / "c", "--training.seq_len", "256", "--data.max_images_per_row", "10",
+                          "--training.steps", "1")
+    assert train_losses(fresh)[0] < train_losses(scratch)[0]
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "wsd"])
+def test_lr_schedule_warms_up_then_decays_to_min(decay):
+    cfg = LRScheduler(warmup_steps=10, decay_type=decay, decay_ratio=0.2, min_lr_ratio=0.1)
+    lrs = [lr_multiplier(s, cfg=cfg, total_steps=100) for s in range(100)]
+    assert lrs[0] < lrs[5] < lrs[9] <= 1.0
+    assert abs(lrs[10] - 1.0) < 0.05 and abs(lrs[-1] - 0.1) < 1e-9
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))
+    if decay == "wsd":
+        assert lrs[79] == 1.0 and lrs[85] < 1.0
+
+
+def test_grad_accumulation_matches_a_larger_batch(tiny_cfg):
+    """2 microbatches of 1 row == 1 microbatch of 2 rows: same tokens, same global normalisation."""
+    accum = train_losses(tiny_cfg("--training.steps", "3", "--training.gradient_accumulation_steps", "2",
+                                  "--checkpoint.enable", "false"))
+    batch = train_losses(tiny_cfg("--training.steps", "3", "--training.local_batch_size", "2",
+                                  "--checkpoint.enable", "false"))
+    assert accum == pytest.approx(batch, rel=1e-5)
+
+
+def test_run_train_sh_logs_progress_tensorboard_and_checkpoint(tmp_path):
+    dump = tmp_path / "run"
+    env = dict(os.environ, CONFIG_FILE="train_configs/debug_vlm.toml", NGPU="1")
+    out = subprocess.run(["./run_train.sh", "--training.steps", "6", "--metrics.log_freq", "3",
+                          "--training.seq_len", "256", "--data.max_images_per_row", "10",
+                          "--job.dump_folder", str(dump)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    progress = [line for line in log.splitlines() if "step     6/6" in line]
+    assert progress, log
+    for field in ("loss", "grad_norm", "lr", "tok/s", "mfu", "mem", "eta"):
+        assert field in progress[0]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(dump / "tb"))
+    assert (dump / "checkpoint" / "step-6" / ".metadata").is_file()
+    assert (dump / "config.toml").is_file()

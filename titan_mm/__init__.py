@@ -1,0 +1,1 @@
+"""titan_mm: a minimal native-PyTorch trainer for multimodal models."""

@@ -1,0 +1,381 @@
+"""Job configuration: one dataclass per TOML section, a docstring under every field.
+
+A run is configured by a TOML file plus ``--section.key value`` overrides on the command line.
+Every key is checked before any model is built: an unknown key, a value of the wrong type or an
+impossible value stops the run with one message naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before anything is built."""
+
+
+@dataclass
+class Job:
+    dump_folder: str = "./outputs/debug_vlm"
+    """Folder for checkpoints, TensorBoard events and the merged config of this run."""
+    description: str = ""
+    """Free text shown at start-up."""
+    seed: int = 0
+    """Seed for model init, data order and every random op of the run."""
+    deterministic: bool = False
+    """Use deterministic algorithms only (slower on GPU; CPU runs are deterministic anyway)."""
+
+
+@dataclass
+class Model:
+    name: str = "llava"
+    """Model family, a folder under titan_mm/models (e.g. llava)."""
+    flavor: str = "debug"
+    """Size preset of the family (see the family's FLAVORS dict)."""
+    tokenizer_path: str = "assets/tokenizer"
+    """Folder holding tokenizer.json and tokenizer_config.json."""
+
+
+@dataclass
+class Data:
+    dataset: Literal["captions", "interleaved"] = "captions"
+    """Kind of samples in ``path``: image-caption pairs or interleaved text/image documents."""
+    path: str = "assets/sample_data/captions_train.jsonl"
+    """JSONL file of samples; image paths inside it are relative to its folder."""
+    max_images_per_row: int = 8
+    """N: image slots per packed row of seq_len tokens; pixel_values is [batch*N, L, D]."""
+    max_patches_per_image: int = 256
+    """L: patch slots per image (before spatial merge); bounds max_pixels from above."""
+    min_pixels: int = 32 * 32
+    """Images smaller than this are upscaled (aspect kept) before patchifying."""
+    max_pixels: int = 128 * 128
+    """Images larger than this are downscaled (aspect kept) before patchifying."""
+    pack_open_bins: int = 16
+    """Best-fit packer: how many partly filled rows are kept open for incoming documents."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    shuffle: bool = True
+    """Reshuffle the samples every epoch (seeded by job.seed and the epoch)."""
+
+
+@dataclass
+class Training:
+    steps: int = 300
+    """Optimizer steps to train for."""
+    local_batch_size: int = 1
+    """Packed rows per microbatch on each data-parallel rank."""
+    seq_len: int = 512
+    """Tokens per packed row (S)."""
+    gradient_accumulation_steps: int = 1
+    """Microbatches summed into one optimizer step."""
+    max_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute dtype: auto = bf16 on GPU, fp32 on CPU. Parameters and optimizer stay fp32."""
+
+
+@dataclass
+class Optimizer:
+    name: Literal["AdamW"] = "AdamW"
+    """Optimizer class."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms, biases or embeddings)."""
+    implementation: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
+    """AdamW kernel: auto = fused on GPU, foreach on CPU."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 20
+    """Linear warmup from ~0 to the peak learning rate over this many steps."""
+    decay_type: Literal["cosine", "linear", "wsd"] = "cosine"
+    """Shape after warmup; wsd = constant, then a linear decay over the last decay_ratio of steps."""
+    decay_ratio: float = 0.2
+    """wsd only: fraction of training steps spent decaying."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = True
+    """Save distributed checkpoints (torch.distributed.checkpoint) under dump_folder/folder."""
+    folder: str = "checkpoint"
+    """Subfolder of job.dump_folder holding step-N checkpoint folders."""
+    interval: int = 100
+    """Save every this many steps; the last step is always saved."""
+    keep_latest_k: int = 3
+    """Delete older checkpoints, keeping this many (0 keeps all)."""
+    load_step: int = -1
+    """Resume from this step; -1 resumes from the latest checkpoint if one exists."""
+    initial_load_path: str = ""
+    """Start from these weights (a DCP folder with model weights only) when there is nothing to resume."""
+    export_model_only: bool = True
+    """At the last step, also write model weights alone (fp32) to checkpoint/model-step-N."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10
+    """Print a progress line every this many steps (and at step 1)."""
+    enable_tensorboard: bool = True
+    """Write TensorBoard event files to job.dump_folder/tb."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU; 0 = known GPU table (no MFU on CPU)."""
+
+
+@dataclass
+class Parallelism:
+    data_parallel_shard_degree: int = -1
+    """FSDP2 shard degree; -1 = all ranks."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each transformer block of the encoder and the decoder."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: Literal["none", "full"] = "none"
+    """Recompute each transformer block's activations in backward (full) or keep them (none)."""
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    compile: Compile = field(default_factory=Compile)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+
+
+# --- value checks that need more than a type ------------------------------------------------------
+
+_POSITIVE = {
+    "data.max_images_per_row", "data.max_patches_per_image", "data.min_pixels", "data.max_pixels",
+    "data.pack_open_bins", "training.steps", "training.local_batch_size", "training.seq_len",
+    "training.gradient_accumulation_steps", "optimizer.lr", "checkpoint.interval",
+    "metrics.log_freq",
+}
+_NON_NEGATIVE = {
+    "data.num_workers", "training.max_norm", "optimizer.weight_decay", "optimizer.eps",
+    "lr_scheduler.warmup_steps", "checkpoint.keep_latest_k", "metrics.peak_tflops",
+}
+_UNIT_INTERVAL = {"lr_scheduler.decay_ratio", "lr_scheduler.min_lr_ratio", "optimizer.beta1",
+                  "optimizer.beta2"}
+
+
+def _check_values(cfg: JobConfig) -> list[str]:
+    errors = []
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            key = f"{section.name}.{f.name}"
+            value = getattr(getattr(cfg, section.name), f.name)
+            if key in _POSITIVE and not value > 0:
+                errors.append(f"{key} = {value!r} must be > 0")
+            if key in _NON_NEGATIVE and not value >= 0:
+                errors.append(f"{key} = {value!r} must be >= 0")
+            if key in _UNIT_INTERVAL and not 0 <= value <= 1:
+                errors.append(f"{key} = {value!r} must be in [0, 1]")
+    if cfg.data.min_pixels > cfg.data.max_pixels:
+        errors.append(f"data.min_pixels = {cfg.data.min_pixels} exceeds data.max_pixels = "
+                      f"{cfg.data.max_pixels}; lower min_pixels or raise max_pixels")
+    if cfg.parallelism.data_parallel_shard_degree == 0 or cfg.parallelism.data_parallel_shard_degree < -1:
+        errors.append("parallelism.data_parallel_shard_degree must be -1 (all ranks) or >= 1")
+    return errors
+
+
+# --- parsing --------------------------------------------------------------------------------------
+
+def _convert(value, tp, key: str):
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} expects a list, got {value!r}")
+        return [_convert(v, item_tp, key) for v in value]
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+            return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} expects an integer, got {value!r}")
+        try:
+            if isinstance(value, str):
+                return int(value)
+            if isinstance(value, int):
+                return value
+        except ValueError:
+            pass
+        raise ConfigError(f"{key} expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} expects a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} expects a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _set(cfg: JobConfig, key: str, value, source: str) -> None:
+    section_name, _, field_name = key.partition(".")
+    hints = typing.get_type_hints(JobConfig)
+    if section_name not in hints or not field_name:
+        raise ConfigError(f"unknown config section {section_name!r} in {key!r} ({source}); "
+                          f"sections are {sorted(hints)}")
+    section = getattr(cfg, section_name)
+    field_types = typing.get_type_hints(type(section))
+    if field_name not in field_types:
+        raise ConfigError(f"unknown config key {key!r} ({source}); [{section_name}] has "
+                          f"{sorted(field_types)}")
+    try:
+        setattr(section, field_name, _convert(value, field_types[field_name], key))
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({source})") from None
+
+
+def parse_args(argv: list[str]) -> tuple[JobConfig, bool]:
+    """Build a JobConfig from ``--job.config_file F`` and ``--section.key value`` overrides.
+
+    Returns the config and whether ``--print-config`` was given.
+    """
+    cfg = JobConfig()
+    print_config = False
+    overrides: list[tuple[str, str]] = []
+    config_file = None
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("--print-config", "--print_config"):
+            print_config = True
+            continue
+        if arg in ("-h", "--help"):
+            print(help_text())
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --section.key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if not args:
+                raise ConfigError(f"--{key} needs a value")
+            value = args.pop(0)
+        if key in ("job.config_file", "config_file"):
+            config_file = value
+        else:
+            overrides.append((key, value))
+    if config_file:
+        load_toml(cfg, config_file)
+    for key, value in overrides:
+        _set(cfg, key, value, "command line")
+    errors = _check_values(cfg)
+    if errors:
+        where = f" (config {config_file} and command line)" if config_file else ""
+        raise ConfigError("invalid config" + where + ":\n  " + "\n  ".join(errors))
+    return cfg, print_config
+
+
+def load_toml(cfg: JobConfig, path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from None
+    for section_name, section in data.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"top-level key {section_name!r} in {path} must be a [section]")
+        for field_name, value in section.items():
+            _set(cfg, f"{section_name}.{field_name}", value, path)
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The merged config as TOML text (loads back to the same config)."""
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def help_text() -> str:
+    out = ["usage: train.py --job.config_file FILE [--section.key value ...] [--print-config]", ""]
+    cfg = JobConfig()
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        docs = field_docs(type(obj))
+        out.append(f"[{section.name}]")
+        for f in dataclasses.fields(obj):
+            out.append(f"  --{section.name}.{f.name} (default {_toml_value(getattr(obj, f.name))})")
+            out.append(f"      {docs.get(f.name, '')}")
+    return "\n".join(out)

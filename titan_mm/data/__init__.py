@@ -1,0 +1,1 @@
+"""Data pipeline: samples -> documents (tokens + image patches) -> packed fixed-shape batches."""

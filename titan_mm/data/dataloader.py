@@ -1,0 +1,75 @@
+"""The training dataloader: source -> best-fit packer -> batches, as a torchdata StatefulDataLoader.
+
+Its state (every worker's source position and open packer rows) goes into checkpoints.
+"""
+
+from collections import Counter
+
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from titan_mm.config import Data
+from titan_mm.data.documents import DocumentBuilder
+from titan_mm.data.image import ImageProcessor, VisionInputSpec
+from titan_mm.data.packing import BestFitPacker, RowShape
+from titan_mm.data.sources import JsonlSource
+from titan_mm.data.tokenizer import Tokenizer
+
+
+def collate_rows(rows: list[dict], merged_per_image: int) -> dict:
+    """Stack rows into [B, S] and [B * N, L, ...]; offset image_token_index to the batch's slots."""
+    batch = {k: torch.stack([r[k] for r in rows]) for k in
+             ("input_ids", "labels", "position_ids", "document_ids", "image_token_index")}
+    batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
+    batch["grid_thw"] = torch.cat([r["grid_thw"] for r in rows])
+    n_images = rows[0]["pixel_values"].shape[0]
+    offsets = torch.arange(len(rows))[:, None] * n_images * merged_per_image
+    idx = batch["image_token_index"]
+    batch["image_token_index"] = torch.where(idx >= 0, idx + offsets, idx)
+    batch["stats"] = dict(sum((Counter(r["stats"]) for r in rows), Counter()))
+    return batch
+
+
+class Collator:
+    """Picklable collate_fn for worker processes."""
+
+    def __init__(self, merged_per_image: int):
+        self.merged_per_image = merged_per_image
+
+    def __call__(self, rows):
+        return collate_rows(rows, self.merged_per_image)
+
+
+def check_image_budget(cfg: Data, patch_size: int, merge: int):
+    """Fail early when the image bounds cannot fit the N x L layout."""
+    factor = patch_size * merge
+    max_patches = (cfg.max_pixels // factor ** 2) * merge ** 2
+    if max_patches > cfg.max_patches_per_image:
+        raise ValueError(
+            f"data.max_pixels={cfg.max_pixels} allows images of up to {max_patches} patches of "
+            f"{patch_size}px, more than data.max_patches_per_image={cfg.max_patches_per_image}; raise "
+            f"max_patches_per_image to {max_patches} or lower max_pixels to "
+            f"{cfg.max_patches_per_image * patch_size ** 2}")
+    if cfg.max_patches_per_image % (merge * merge):
+        raise ValueError(f"data.max_patches_per_image={cfg.max_patches_per_image} must be a multiple "
+                         f"of the merge area {merge * merge}")
+
+
+def build_document_builder(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec) -> DocumentBuilder:
+    return DocumentBuilder(tokenizer, ImageProcessor(spec, cfg.min_pixels, cfg.max_pixels))
+
+
+def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, seq_len: int,
+                     batch_size: int, dp_rank: int, dp_world: int, seed: int) -> StatefulDataLoader:
+    check_image_budget(cfg, spec.patch_size, spec.spatial_merge_size)
+    builder = build_document_builder(cfg, tokenizer, spec)
+    source = JsonlSource(cfg.path, cfg.dataset, builder, dp_rank=dp_rank, dp_world=dp_world,
+                         seed=seed, shuffle=cfg.shuffle)
+    merge_area = spec.merge_area
+    shape = RowShape(seq_len=seq_len, max_images=cfg.max_images_per_row,
+                     max_patches=cfg.max_patches_per_image, patch_dim=spec.patch_dim,
+                     merge_area=merge_area, pad_id=tokenizer.pad_id, image_token_id=tokenizer.image_id)
+    packer = BestFitPacker(source, shape, cfg.pack_open_bins)
+    return StatefulDataLoader(packer, batch_size=batch_size, num_workers=cfg.num_workers,
+                              collate_fn=Collator(cfg.max_patches_per_image // merge_area),
+                              persistent_workers=cfg.num_workers > 0)

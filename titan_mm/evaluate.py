@@ -1,0 +1,67 @@
+"""Caption loss of a trained model on held-out samples, with true or swapped images."""
+
+import json
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+
+from titan_mm.config import JobConfig
+from titan_mm.data.dataloader import build_document_builder, collate_rows
+from titan_mm.data.packing import IGNORE_INDEX, BestFitPacker, RowShape
+from titan_mm.data.sources import ListSource
+from titan_mm.data.tokenizer import Tokenizer
+from titan_mm.models import get_model_spec
+from titan_mm.train.checkpoint import ModelState
+
+
+def latest_model_export(dump_folder: str, checkpoint_folder: str) -> str:
+    folder = os.path.join(dump_folder, checkpoint_folder)
+    exports = sorted((int(d.removeprefix("model-step-")), d) for d in os.listdir(folder)
+                     if d.startswith("model-step-"))
+    if not exports:
+        raise FileNotFoundError(f"no model-step-N export in {folder}; train with "
+                                f"checkpoint.export_model_only = true")
+    return os.path.join(folder, exports[-1][1])
+
+
+def load_model(cfg: JobConfig, weights: str) -> torch.nn.Module:
+    spec = get_model_spec(cfg.model.name)
+    with torch.device("meta"):
+        model = spec.model_cls(spec.flavors[cfg.model.flavor])
+    model.to_empty(device="cpu")
+    model.init_weights()
+    dcp.load({"model": ModelState(model)}, checkpoint_id=weights)
+    return model.eval()
+
+
+def caption_docs(cfg: JobConfig, model_args, path: str, shift: int) -> list:
+    """Documents of ``path``'s captions, each with the image of the sample ``shift`` places later."""
+    builder = build_document_builder(cfg.data, Tokenizer(cfg.model.tokenizer_path), model_args.vision_input)
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        samples = [json.loads(line) for line in f if line.strip()]
+    n = len(samples)
+    return [builder.caption(s["id"], os.path.join(root, samples[(i + shift) % n]["image"]), s["caption"])
+            for i, s in enumerate(samples)]
+
+
+@torch.no_grad()
+def caption_loss(cfg: JobConfig, model: torch.nn.Module, model_args, path: str, shift: int = 0) -> float:
+    """Mean loss per caption token over every sample of ``path`` (all packed rows, one pass)."""
+    docs = caption_docs(cfg, model_args, path, shift)
+    tok = Tokenizer(cfg.model.tokenizer_path)
+    spec = model_args.vision_input
+    shape = RowShape(cfg.training.seq_len, cfg.data.max_images_per_row, cfg.data.max_patches_per_image,
+                     spec.patch_dim, spec.merge_area, tok.pad_id, tok.image_id)
+    total, count = 0.0, 0
+    for row in BestFitPacker(ListSource(docs), shape, cfg.data.pack_open_bins):
+        batch = collate_rows([row], cfg.data.max_patches_per_image // spec.merge_area)
+        labels = batch.pop("labels")
+        batch.pop("stats")
+        logits = model(**batch)
+        total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
+                                 ignore_index=IGNORE_INDEX).item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / count

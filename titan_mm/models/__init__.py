@@ -1,0 +1,27 @@
+"""Model families. Each folder holds single-device model code; ``ModelSpec`` says how to build,
+parallelize and count FLOPs for one family."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    flavors: dict
+    """Size presets: flavor name -> the family's args dataclass."""
+    model_cls: type[nn.Module]
+    parallelize: Callable
+    """parallelize(model, parallel_dims, mesh, compile_cfg, ac_cfg, param_dtype) -> model."""
+    training_flops: Callable
+    """training_flops(args, BatchShape) -> FLOPs of one step."""
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    # imported lazily so a family's dependencies load only when it is used
+    if name == "llava":
+        from titan_mm.models.llava import SPEC
+        return SPEC
+    raise ValueError(f"unknown model.name {name!r}; available: ['llava']")

@@ -1,0 +1,163 @@
+"""Decoder of the Llama 3 / Qwen2 / Qwen3 family: RMSNorm, GQA, RoPE, SwiGLU.
+
+Options cover the family's differences: qkv bias (Qwen2), q/k RMSNorm (Qwen3), tied embeddings.
+Single-device code; parallelisms are applied from outside (titan_mm/parallel).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titan_mm.models.attention import document_causal_mask, sdpa
+from titan_mm.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class DecoderArgs:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    ffn_hidden_dim: int = 768
+    vocab_size: int = 512
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_f = x.float()
+        x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_f.to(x.dtype)
+
+    def init_weights(self):
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: DecoderArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+
+    def forward(self, x_BSD, cos, sin, mask):
+        B, S, _ = x_BSD.shape
+        # -1 instead of n_heads: tensor parallelism leaves each rank a slice of the heads
+        q = self.wq(x_BSD).view(B, S, -1, self.head_dim)
+        k = self.wk(x_BSD).view(B, S, -1, self.head_dim)
+        v = self.wv(x_BSD).view(B, S, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+    def init_weights(self, std: float, out_std: float):
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(lin.weight, std=std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.init_weights()
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, std: float, out_std: float):
+        nn.init.trunc_normal_(self.w1.weight, std=std)
+        nn.init.trunc_normal_(self.w3.weight, std=std)
+        nn.init.trunc_normal_(self.w2.weight, std=out_std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: DecoderArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        # depth-scaled init of the residual branches' output projections
+        self.out_std = args.init_std / (2 * (layer_id + 1)) ** 0.5
+
+    def forward(self, h, cos, sin, mask):
+        h = h + self.attention(self.attention_norm(h), cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, std: float):
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(std, self.out_std)
+        self.feed_forward.init_weights(std, self.out_std)
+
+
+class Decoder(nn.Module):
+    """Token embeddings -> blocks -> norm -> logits.
+
+    Any of tok_embeddings / norm / output may be None (a pipeline stage without them); layers is a
+    ModuleDict so stages keep their original layer names.
+    """
+
+    def __init__(self, args: DecoderArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args.head_dim, args.rope_theta), persistent=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, h_BSD: torch.Tensor, position_ids_BS: torch.Tensor,
+                document_ids_BS: torch.Tensor) -> torch.Tensor:
+        """h_BSD: input embeddings (or token ids [B, S] when this stage has tok_embeddings)."""
+        if self.tok_embeddings is not None and not h_BSD.is_floating_point():
+            h_BSD = self.tok_embeddings(h_BSD)
+        cos, sin = rope_cos_sin(position_ids_BS, self.inv_freq)
+        mask = document_causal_mask(document_ids_BS)
+        for layer in self.layers.values():
+            h_BSD = layer(h_BSD, cos, sin, mask)
+        h_BSD = self.norm(h_BSD) if self.norm is not None else h_BSD
+        return self.output(h_BSD) if self.output is not None else h_BSD
+
+    @torch.no_grad()
+    def init_weights(self):
+        self.inv_freq.copy_(rope_inv_freq(self.args.head_dim, self.args.rope_theta))
+        std = self.args.init_std
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for layer in self.layers.values():
+            layer.init_weights(std)
+        if self.norm is not None:
+            self.norm.init_weights()
+        if self.output is not None and not self.args.tie_embeddings:
+            nn.init.trunc_normal_(self.output.weight, std=self.args.dim ** -0.5)

@@ -1,0 +1,108 @@
+"""LLaVA-style vision-language model: SigLIP2-style ViT -> projector -> Llama/Qwen decoder.
+
+The ViT runs on every rank's fixed N x L patch batch (all-padding images included), so every rank
+issues the same collectives whatever its data. Valid merged-patch embeddings are placed at image
+tokens by an index the dataloader computed, so the forward has no host syncs.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titan_mm.data.batch import BatchShape
+from titan_mm.data.image import VisionInputSpec
+from titan_mm.models.llama.model import Decoder, DecoderArgs
+from titan_mm.models.multimodal import scatter_image_embeddings
+from titan_mm.models.siglip2.model import VisionArgs, VisionTransformer
+
+
+@dataclass
+class LlavaArgs:
+    vision: VisionArgs = field(default_factory=VisionArgs)
+    decoder: DecoderArgs = field(default_factory=DecoderArgs)
+    spatial_merge_size: int = 2
+    """m: each m x m block of patches becomes one image token (1 = no merge)."""
+    projector_hidden_dim: int = 512
+
+    @property
+    def vision_input(self) -> VisionInputSpec:
+        v = self.vision
+        return VisionInputSpec(v.patch_size, v.temporal_patch_size, self.spatial_merge_size,
+                               v.image_mean, v.image_std, v.in_channels)
+
+
+class Projector(nn.Module):
+    """LayerNorm, concatenate each m x m block of patches, then Linear-GELU-Linear to the decoder width.
+
+    Patches arrive in merge-block order (the m*m patches of a block are consecutive), so the merge
+    is a reshape.
+    """
+
+    def __init__(self, vision_dim: int, merge: int, hidden_dim: int, out_dim: int, eps: float):
+        super().__init__()
+        self.merge_area = merge * merge
+        self.norm = nn.LayerNorm(vision_dim, eps=eps)
+        self.linear_1 = nn.Linear(vision_dim * self.merge_area, hidden_dim)
+        self.linear_2 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x_NLD: torch.Tensor) -> torch.Tensor:
+        """[N, L, D_vision] -> [N * L / m^2, D_text], image-major."""
+        x = self.norm(x_NLD)
+        x = x.reshape(-1, self.merge_area * x.shape[-1])  # (N L/m^2) (m^2 D)
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+    @torch.no_grad()
+    def init_weights(self, std: float):
+        nn.init.ones_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
+        for lin in (self.linear_1, self.linear_2):
+            nn.init.trunc_normal_(lin.weight, std=std)
+            nn.init.zeros_(lin.bias)
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, args: LlavaArgs):
+        super().__init__()
+        self.args = args
+        self.vision = VisionTransformer(args.vision)
+        self.projector = Projector(args.vision.dim, args.spatial_merge_size, args.projector_hidden_dim,
+                                   args.decoder.dim, args.vision.norm_eps)
+        self.decoder = Decoder(args.decoder)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
+                pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                image_token_index: torch.Tensor) -> torch.Tensor:
+        """input_ids/position_ids/document_ids/image_token_index [B, S]; pixel_values [N, L, D];
+        grid_thw [N, L, 3]. Returns logits [B, S, V]."""
+        h_BSD = self.decoder.tok_embeddings(input_ids)
+        image_embeds_MD = self.projector(self.vision(pixel_values, grid_thw))
+        h_BSD = scatter_image_embeddings(h_BSD, image_embeds_MD, image_token_index)
+        return self.decoder(h_BSD, position_ids, document_ids)
+
+    def init_weights(self):
+        self.vision.init_weights()
+        self.projector.init_weights(self.args.vision.init_std)
+        self.decoder.init_weights()
+
+
+def training_flops(args: LlavaArgs, shape: BatchShape) -> float:
+    """Matmul FLOPs of one training step (3 x forward) over valid tokens and patches.
+
+    Attention counts causal pairs inside each document for the decoder and full pairs inside each
+    image for the ViT; padding is not counted.
+    """
+    d, v = args.decoder, args.vision
+    q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+    decoder_linear = d.n_layers * (2 * d.dim * q_dim + 2 * d.dim * kv_dim + 3 * d.dim * d.ffn_hidden_dim)
+    decoder_linear += d.dim * d.vocab_size
+    vit_linear = v.patch_dim * v.dim + v.n_layers * (4 * v.dim * v.dim + 2 * v.dim * v.ffn_hidden_dim)
+    merge_area = args.spatial_merge_size ** 2
+    projector = v.dim * merge_area * args.projector_hidden_dim + args.projector_hidden_dim * d.dim
+    forward = (2 * decoder_linear * shape.tokens
+               + 2 * vit_linear * shape.patches
+               + 2 * projector * shape.patches / merge_area
+               + d.n_layers * 2 * q_dim * shape.doc_len_sq_sum  # causal: half of 4 * S^2 * q_dim
+               + v.n_layers * 4 * v.dim * shape.image_patches_sq_sum)
+    return 3.0 * forward

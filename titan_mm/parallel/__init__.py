@@ -1,0 +1,1 @@
+"""Parallelisms applied from outside the model code: device mesh, FSDP2, compile, activation checkpointing."""

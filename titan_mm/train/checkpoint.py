@@ -1,0 +1,142 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): resharding-friendly, one folder per step.
+
+A training checkpoint holds model, optimizer, LR scheduler, step, and per-rank dataloader and RNG
+states, so a resumed run continues bit-for-bit. A model-only export holds the weights alone.
+"""
+
+import logging
+import os
+import re
+import shutil
+import time
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from titan_mm.config import Checkpoint as CheckpointConfig
+
+logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class ModelState(Stateful):
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self):
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict):
+        set_model_state_dict(self.model, state_dict)
+
+
+class OptimizerState(Stateful):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self):
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict):
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+class RankLocalState(Stateful):
+    """Per-rank state (dataloader position, RNG) stored under a rank-specific key."""
+
+    def __init__(self, get, set_):
+        self.get, self.set = get, set_
+
+    def state_dict(self):
+        return self.get()
+
+    def load_state_dict(self, state_dict):
+        self.set(state_dict)
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model, optimizer, lr_scheduler,
+                 dataloader, train_state: Stateful, rank: int):
+        self.cfg = cfg
+        self.folder = os.path.join(dump_folder, cfg.folder)
+        self.rank = rank
+        self.model = model
+        self.states = {
+            "model": ModelState(model),
+            "optimizer": OptimizerState(model, optimizer),
+            "lr_scheduler": lr_scheduler,
+            "train_state": train_state,
+            f"dataloader_rank{rank}": RankLocalState(dataloader.state_dict, dataloader.load_state_dict),
+            f"rng_rank{rank}": RankLocalState(rng_state, set_rng_state),
+        }
+
+    def step_folder(self, step: int) -> str:
+        return os.path.join(self.folder, f"step-{step}")
+
+    def saved_steps(self) -> list[int]:
+        if not os.path.isdir(self.folder):
+            return []
+        steps = [int(m.group(1)) for d in os.listdir(self.folder) if (m := _STEP_DIR.match(d))
+                 and os.path.isfile(os.path.join(self.folder, d, ".metadata"))]
+        return sorted(steps)
+
+    def maybe_save(self, step: int, last_step: bool):
+        if not self.cfg.enable or not (last_step or step % self.cfg.interval == 0):
+            return
+        start = time.perf_counter()
+        dcp.save(self.states, checkpoint_id=self.step_folder(step))
+        logger.info("saved checkpoint step-%d in %.1fs", step, time.perf_counter() - start)
+        if last_step and self.cfg.export_model_only:
+            self.export_model(os.path.join(self.folder, f"model-step-{step}"))
+        self._purge_old()
+
+    def export_model(self, path: str):
+        """Model weights alone (full fp32 tensors), loadable by initial_load_path or conversion."""
+        dcp.save({"model": ModelState(self.model)}, checkpoint_id=path)
+        logger.info("exported model weights to %s", path)
+
+    def load(self) -> int:
+        """Resume from load_step or the latest checkpoint; else initial_load_path. Returns the step."""
+        if not self.cfg.enable:
+            return 0
+        steps = self.saved_steps()
+        if self.cfg.load_step >= 0:
+            if self.cfg.load_step not in steps:
+                raise FileNotFoundError(f"checkpoint.load_step={self.cfg.load_step} not found in "
+                                        f"{self.folder} (saved steps: {steps})")
+            step = self.cfg.load_step
+        elif steps:
+            step = steps[-1]
+        else:
+            if self.cfg.initial_load_path:
+                dcp.load({"model": ModelState(self.model)}, checkpoint_id=self.cfg.initial_load_path)
+                logger.info("loaded initial weights from %s", self.cfg.initial_load_path)
+            return 0
+        dcp.load(self.states, checkpoint_id=self.step_folder(step))
+        logger.info("resumed from checkpoint step-%d", step)
+        return step
+
+    def _purge_old(self):
+        if self.cfg.keep_latest_k <= 0 or self.rank != 0:
+            return
+        for step in self.saved_steps()[:-self.cfg.keep_latest_k]:
+            shutil.rmtree(self.step_folder(step), ignore_errors=True)

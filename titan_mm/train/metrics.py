@@ -1,0 +1,98 @@
+"""Progress lines, TensorBoard events, throughput, MFU, peak memory and ETA."""
+
+import logging
+import os
+import resource
+import time
+from collections import Counter
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# dense bf16 peak of one device, TFLOP/s (datasheet)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0,
+               "L40S": 362.0, "B200": 2250.0}
+
+
+def device_peak_tflops(configured: float) -> float:
+    """Peak TFLOP/s for MFU: the configured value, else the GPU's from the table, else 0 (none)."""
+    if configured > 0:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+            if key in name:
+                return value
+    return 0.0
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux: the process's peak resident memory
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    def __init__(self, *, log_freq: int, total_steps: int, tb_folder: str | None, peak_tflops: float,
+                 world_size: int, device: torch.device):
+        self.log_freq, self.total_steps = log_freq, total_steps
+        self.peak_flops = peak_tflops * 1e12
+        self.world_size, self.device = world_size, device
+        self.writer = None
+        if tb_folder:
+            from torch.utils.tensorboard import SummaryWriter
+            os.makedirs(tb_folder, exist_ok=True)
+            self.writer = SummaryWriter(tb_folder)
+        self.data_totals: Counter = Counter()
+        self._reset_window()
+
+    def _reset_window(self):
+        self.window_start = time.perf_counter()
+        self.window_steps = 0
+        self.window_tokens = 0
+        self.window_flops = 0.0
+        self.window_data: Counter = Counter()
+
+    def should_log(self, step: int) -> bool:
+        return step == 1 or step % self.log_freq == 0 or step == self.total_steps
+
+    def record_step(self, *, tokens: int, flops: float, data_stats: dict):
+        """Host-side counts of one step on this rank (no device sync)."""
+        self.window_steps += 1
+        self.window_tokens += tokens
+        self.window_flops += flops
+        self.window_data.update(data_stats)
+        self.data_totals.update(data_stats)
+
+    def log(self, step: int, *, loss: float, grad_norm: float, lr: float, row_slots: int):
+        elapsed = time.perf_counter() - self.window_start
+        tps = self.window_tokens / elapsed
+        mfu = self.window_flops / elapsed / self.peak_flops if self.peak_flops else None
+        mem = peak_memory_gib(self.device)
+        eta = (self.total_steps - step) * elapsed / max(1, self.window_steps)
+        pad = self.window_data.get("pad_tokens", 0) / max(1, row_slots * self.window_steps)
+        skipped = {k: v for k, v in self.data_totals.items()
+                   if k not in ("pad_tokens", "rows", "documents")}
+        parts = [f"step {step:>5}/{self.total_steps}", f"loss {loss:7.4f}", f"grad_norm {grad_norm:7.3f}",
+                 f"lr {lr:.2e}", f"tok/s {tps:,.0f}", "mfu " + (f"{100 * mfu:.1f}%" if mfu else "-"),
+                 f"mem {mem:.2f}GiB", f"pad {100 * pad:.1f}%",
+                 f"skipped {sum(skipped.values())}" + (f" {dict(sorted(skipped.items()))}" if skipped else ""),
+                 f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
+        logger.info("  ".join(parts))
+        if self.writer:
+            scalars = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
+                       "memory_gib": mem, "pad_fraction": pad}
+            if mfu:
+                scalars["mfu"] = mfu
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+            for k, v in skipped.items():
+                self.writer.add_scalar(f"data/skipped_{k}", v, step)
+            self.writer.flush()
+        self._reset_window()
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
