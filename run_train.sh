@@ -17,5 +17,5 @@ else
     rdzv=(--standalone --nnodes=1)
 fi
 
-exec torchrun "${rdzv[@]}" --nproc_per_node="$NGPU" --local-ranks-filter="${LOG_RANK:-0}" \
+exec python -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$NGPU" --local-ranks-filter="${LOG_RANK:-0}" \
     train.py --job.config_file "$CONFIG_FILE" "$@"

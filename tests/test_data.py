@@ -87,7 +87,8 @@ def test_packing_wastes_under_5_percent_of_token_slots(tokenizer):
 
 
 def test_packed_rows_respect_budgets_and_restart_positions(tokenizer):
-    batch = next(iter(loader(tokenizer, path=f"{DATA}/interleaved.jsonl", max_images_per_row=6)))
+    batch = next(iter(loader(tokenizer, path=f"{DATA}/interleaved.jsonl", dataset="interleaved",
+                             max_images_per_row=6)))
     ids, pos, doc = batch["input_ids"][0], batch["position_ids"][0], batch["document_ids"][0]
     starts = (pos == 0) & (doc >= 0)
     assert starts.sum() == doc.max() + 1  # one position restart per document
@@ -121,7 +122,7 @@ def test_bad_samples_are_skipped_counted_and_reported(tokenizer, tmp_path):
     write_jsonl(tmp_path / "data.jsonl", rows)
     builder = build_document_builder(data_cfg(), tokenizer, SPEC)
     source = JsonlSource(str(tmp_path / "data.jsonl"), "captions", builder, shuffle=False, epochs=1)
-    shape = RowShape(512, 20, 64, SPEC.patch_dim, 4, tokenizer.pad_id, tokenizer.image_id)
+    shape = RowShape(512, 20, 64, SPEC.patch_dim, 4, tokenizer.pad_id, (tokenizer.image_id,))
     rows = list(BestFitPacker(source, shape, open_bins=4))
     stats = {}
     for r in rows:
@@ -166,6 +167,11 @@ def test_loader_shards_differ_across_ranks(tokenizer):
                               dp_world=2, seed=0)
         return next(iter(dl))["input_ids"]
     assert not torch.equal(first_ids(0), first_ids(1))
+
+
+def test_a_file_whose_samples_are_all_bad_stops_with_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="every sample of this rank's shard was skipped"):
+        next(iter(loader(tokenizer, path=f"{DATA}/interleaved.jsonl", dataset="captions")))
 
 
 def test_image_budget_that_cannot_fit_is_a_clear_error(tokenizer):

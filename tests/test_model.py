@@ -45,7 +45,7 @@ def doc_with(images: list[Image], text: list[int], seed: int) -> Document:
 
 
 SHAPE = RowShape(seq_len=160, max_images=4, max_patches=64, patch_dim=SPEC.patch_dim,
-                 merge_area=SPEC.merge_area, pad_id=PAD_ID, image_token_id=IMAGE_ID)
+                 merge_area=SPEC.merge_area, pad_id=PAD_ID, media_token_ids=(IMAGE_ID,))
 
 
 def test_each_image_embedding_lands_exactly_at_its_own_tokens():
@@ -122,3 +122,16 @@ def test_position_table_resize_matches_interpolate(out_h, out_w, antialias):
     w_w = bilinear_weights(torch.arange(out_w)[None], torch.tensor([out_w]), P, antialias)[0]
     ours = w_h.double() @ table[0, 0] @ w_w.double().T
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()  # fp32 weights
+
+
+def test_init_weights_sets_every_parameter():
+    """Materialised memory is garbage: init_weights must overwrite all of it (NaN-filled here)."""
+    with torch.device("meta"):
+        model = LlavaModel(ARGS)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.init_weights()
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    assert not bad, bad

@@ -73,7 +73,8 @@ def test_grad_accumulation_matches_a_larger_batch(tiny_cfg):
 
 def test_run_train_sh_logs_progress_tensorboard_and_checkpoint(tmp_path):
     dump = tmp_path / "run"
-    env = dict(os.environ, CONFIG_FILE="train_configs/debug_vlm.toml", NGPU="1")
+    env = dict(os.environ, CONFIG_FILE="train_configs/debug_vlm.toml", NGPU="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     out = subprocess.run(["./run_train.sh", "--training.steps", "6", "--metrics.log_freq", "3",
                           "--training.seq_len", "256", "--data.max_images_per_row", "10",
                           "--job.dump_folder", str(dump)], env=env, capture_output=True, text=True,
@@ -87,3 +88,19 @@ def test_run_train_sh_logs_progress_tensorboard_and_checkpoint(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(dump / "tb"))
     assert (dump / "checkpoint" / "step-6" / ".metadata").is_file()
     assert (dump / "config.toml").is_file()
+
+
+def test_model_learns_to_use_the_images(tmp_path):
+    """A shorter debug run (400 of 600 steps): held-out caption loss with the true images is at
+    least 25% lower than with images swapped between samples (measured: 53%; the full run: 61%)."""
+    from titan_mm.evaluate import caption_loss
+    import train
+    cfg = make_config(tmp_path, "--training.steps", "400", "--checkpoint.enable", "false")
+    trainer = train.Trainer(cfg)
+    trainer.train()
+    model = trainer.model.eval()
+    val = "assets/sample_data/captions_val.jsonl"
+    true_loss = caption_loss(cfg, model, trainer.model_args, val, shift=0)
+    swapped_loss = caption_loss(cfg, model, trainer.model_args, val, shift=37)
+    print(f"held-out caption loss: true images {true_loss:.4f}, swapped {swapped_loss:.4f}")
+    assert true_loss <= 0.75 * swapped_loss

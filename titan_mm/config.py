@@ -90,7 +90,7 @@ class Training:
 class Optimizer:
     name: Literal["AdamW"] = "AdamW"
     """Optimizer class."""
-    lr: float = 3e-3
+    lr: float = 1e-3
     """Peak learning rate."""
     beta1: float = 0.9
     """AdamW beta1."""

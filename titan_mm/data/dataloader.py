@@ -68,7 +68,7 @@ def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, 
     merge_area = spec.merge_area
     shape = RowShape(seq_len=seq_len, max_images=cfg.max_images_per_row,
                      max_patches=cfg.max_patches_per_image, patch_dim=spec.patch_dim,
-                     merge_area=merge_area, pad_id=tokenizer.pad_id, image_token_id=tokenizer.image_id)
+                     merge_area=merge_area, pad_id=tokenizer.pad_id, media_token_ids=(tokenizer.image_id,))
     packer = BestFitPacker(source, shape, cfg.pack_open_bins)
     return StatefulDataLoader(packer, batch_size=batch_size, num_workers=cfg.num_workers,
                               collate_fn=Collator(cfg.max_patches_per_image // merge_area),

@@ -18,10 +18,21 @@ class SampleError(Exception):
 
 @dataclass
 class Image:
+    """One image or video, cut into patches; videos have several temporal patches (t > 0)."""
+
     patches: torch.Tensor
     """[n_patches, D] flattened patches in merge-block order."""
     coords: torch.Tensor
     """[n_patches, 3] (t, h, w) grid position of each patch."""
+    is_video: bool = False
+    seconds_per_temporal_patch: float = 0.0
+    """Videos: seconds between consecutive temporal patches (for time-aware position ids)."""
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(t, h, w) patch-grid size."""
+        t, h, w = (self.coords.amax(dim=0) + 1).tolist()
+        return t, h, w
 
 
 @dataclass
@@ -32,6 +43,8 @@ class Document:
     targets: list[bool] = field(default_factory=list)
     """targets[i]: token i is predicted by the model (it is part of a supervised span)."""
     images: list[Image] = field(default_factory=list)
+    positions: torch.Tensor | None = None
+    """[P, n] position ids when the model needs more than 0..n-1 (M-RoPE); set by the builder."""
 
 
 class DocumentBuilder:

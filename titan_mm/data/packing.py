@@ -1,8 +1,9 @@
 """Best-fit packing of documents into fixed-shape rows of S tokens and N images of L patches.
 
-Each emitted row is a dict of tensors: input_ids, labels, position_ids, document_ids,
-image_token_index [S]; pixel_values [N, L, D]; grid_thw [N, L, 3] (padding rows -1); plus
-``stats``, counts to log (pad tokens, skipped samples by reason).
+Each emitted row is a dict of tensors: input_ids, labels, document_ids, image_token_index [S];
+position_ids [S] (or [P, S] for multi-axis rotary such as M-RoPE); pixel_values [N, L, D];
+grid_thw [N, L, 3] (padding rows -1); plus ``stats``, counts to log (pad tokens, skipped samples
+by reason).
 """
 
 import logging
@@ -47,7 +48,10 @@ class RowShape:
     merge_area: int
     """Patches per image token (m * m)."""
     pad_id: int
-    image_token_id: int
+    media_token_ids: tuple[int, ...]
+    """Placeholder ids that take a media embedding (image pad, video pad)."""
+    position_dims: int = 1
+    """P: rows of position ids per token (1 = plain RoPE, 3 = M-RoPE)."""
 
 
 class BestFitPacker(IterableDataset, Stateful):
@@ -133,7 +137,7 @@ def build_row(docs: list[Document], s: RowShape) -> dict:
     row = {
         "input_ids": torch.full((S,), s.pad_id, dtype=torch.long),
         "labels": torch.full((S,), IGNORE_INDEX, dtype=torch.long),
-        "position_ids": torch.zeros(S, dtype=torch.long),
+        "position_ids": torch.zeros(s.position_dims, S, dtype=torch.long),
         "document_ids": torch.full((S,), -1, dtype=torch.long),
         "image_token_index": torch.full((S,), -1, dtype=torch.long),
         "pixel_values": torch.zeros(N, L, s.patch_dim),
@@ -147,7 +151,7 @@ def build_row(docs: list[Document], s: RowShape) -> dict:
         end = start + n
         row["input_ids"][start:end] = tokens
         row["labels"][start:end - 1] = torch.where(targets[1:], tokens[1:], IGNORE_INDEX)
-        row["position_ids"][start:end] = torch.arange(n)
+        row["position_ids"][:, start:end] = doc.positions if doc.positions is not None else torch.arange(n)
         row["document_ids"][start:end] = doc_id
         token_index = []
         for img in doc.images:
@@ -157,13 +161,15 @@ def build_row(docs: list[Document], s: RowShape) -> dict:
             token_index.append(slot * Lm + torch.arange(n_patches // s.merge_area))
             slot += 1
         if token_index:
-            image_positions = (tokens == s.image_token_id).nonzero()[:, 0]
+            image_positions = torch.isin(tokens, torch.tensor(s.media_token_ids)).nonzero()[:, 0]
             token_index = torch.cat(token_index)
             if len(image_positions) != len(token_index):
                 raise ValueError(f"{doc.ref}: {len(image_positions)} image tokens but "
                                  f"{len(token_index)} image embeddings")
             row["image_token_index"][start + image_positions] = token_index
         start = end
+    if s.position_dims == 1:
+        row["position_ids"] = row["position_ids"][0]
     row["stats"] = {"pad_tokens": S - start}
     return row
 

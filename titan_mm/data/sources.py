@@ -54,12 +54,17 @@ class JsonlSource:
             if not order:
                 raise ValueError(f"{self.path}: {len(self.lines)} samples cannot feed "
                                  f"{self.dp_world} ranks x workers; use fewer workers")
+            produced, full_pass = 0, self.offset == 0
             while self.offset < len(order):
                 index = order[self.offset]
                 self.offset += 1
                 doc = self.load(index, count_skips=True)
                 if doc is not None:
+                    produced += 1
                     yield index, doc
+            if produced == 0 and full_pass:
+                raise ValueError(f"{self.path}: every sample of this rank's shard was skipped "
+                                 f"({dict(self.stats)}); check data.dataset={self.kind!r} and the files")
             self.epoch, self.offset = self.epoch + 1, 0
 
     def load(self, index: int, count_skips: bool = False) -> Document | None:

@@ -1,7 +1,7 @@
 """Model families. Each folder holds single-device model code; ``ModelSpec`` says how to build,
 parallelize and count FLOPs for one family."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
@@ -17,6 +17,14 @@ class ModelSpec:
     """parallelize(model, parallel_dims, mesh, compile_cfg, ac_cfg, param_dtype) -> model."""
     training_flops: Callable
     """training_flops(args, BatchShape) -> FLOPs of one step."""
+    hf_adapter: object = None
+    """An titan_mm.hf.adapter.HFAdapter for HF checkpoint conversion, or None."""
+    special_tokens: dict = field(default_factory=dict)
+    """Tokenizer special-token names this family uses (see data.tokenizer.Tokenizer)."""
+    positions_fn: Callable | None = None
+    """positions_fn(doc, args) -> [P, n] position ids (M-RoPE); None = 0..n-1 per document."""
+    position_dims: int = 1
+    """P, the number of position-id rows positions_fn returns."""
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -1,4 +1,9 @@
-"""Rotary position embeddings in the rotate-half layout used by HF Llama/Qwen checkpoints."""
+"""Rotary position embeddings in the rotate-half layout used by HF Llama/Qwen checkpoints.
+
+Plain RoPE takes position ids [B, S]. Multimodal RoPE (M-RoPE, Qwen2-VL and later) takes [B, 3, S]
+(temporal, height, width ids) and gives each axis its own share of the frequencies: contiguous
+sections (Qwen2/2.5-VL) or interleaved ones (Qwen3-VL).
+"""
 
 import torch
 
@@ -7,11 +12,31 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
 
-def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [*position_ids.shape, 2 * len(inv_freq)], computed in fp32."""
-    freqs = position_ids[..., None].float() * inv_freq
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                 mrope_section: tuple[int, ...] | None = None,
+                 mrope_interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, S, head_dim] in fp32 from position ids [B, S], or [B, 3, S] with mrope_section."""
+    freqs = position_ids[..., None].float() * inv_freq  # [B, S, hd/2] or [B, 3, S, hd/2]
+    if mrope_section is not None:
+        freqs = _mrope_interleaved(freqs, mrope_section) if mrope_interleaved else _mrope_sections(
+            freqs, mrope_section)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
+
+
+def _mrope_sections(freqs_B3SF: torch.Tensor, section: tuple[int, ...]) -> torch.Tensor:
+    """Frequency chunk i (sizes ``section``) takes its angle from axis i (t, h, w)."""
+    chunks = freqs_B3SF.split(list(section), dim=-1)
+    return torch.cat([chunk[:, i] for i, chunk in enumerate(chunks)], dim=-1)
+
+
+def _mrope_interleaved(freqs_B3SF: torch.Tensor, section: tuple[int, ...]) -> torch.Tensor:
+    """Frequencies cycle t, h, w, t, h, w, ...; h and w each take section[1] / section[2] slots."""
+    out = freqs_B3SF[:, 0].clone()
+    for axis in (1, 2):
+        idx = slice(axis, section[axis] * 3, 3)
+        out[..., idx] = freqs_B3SF[:, axis, :, idx]
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

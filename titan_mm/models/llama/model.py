@@ -28,6 +28,10 @@ class DecoderArgs:
     qkv_bias: bool = False
     qk_norm: bool = False
     tie_embeddings: bool = False
+    mrope_section: tuple[int, ...] | None = None
+    """M-RoPE: frequencies per (t, h, w) axis, summing to head_dim / 2; position_ids are [B, 3, S]."""
+    mrope_interleaved: bool = False
+    """M-RoPE layout: interleaved t, h, w frequencies (Qwen3-VL) instead of contiguous sections."""
     init_std: float = 0.02
 
 
@@ -122,7 +126,7 @@ class TransformerBlock(nn.Module):
 class Decoder(nn.Module):
     """Token embeddings -> blocks -> norm -> logits.
 
-    Any of tok_embeddings / norm / output may be None (a pipeline stage without them); layers is a
+    A pipeline stage may lack tok_embeddings (not first) or norm and output (not last); layers is a
     ModuleDict so stages keep their original layer names.
     """
 
@@ -132,22 +136,30 @@ class Decoder(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # tied embeddings reuse tok_embeddings.weight in forward instead of sharing a Parameter:
+        # sharing does not survive to_empty() or FSDP sharding
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args.head_dim, args.rope_theta), persistent=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, h_BSD: torch.Tensor, position_ids_BS: torch.Tensor,
-                document_ids_BS: torch.Tensor) -> torch.Tensor:
-        """h_BSD: input embeddings (or token ids [B, S] when this stage has tok_embeddings)."""
+    def forward(self, h_BSD: torch.Tensor, position_ids: torch.Tensor, document_ids_BS: torch.Tensor,
+                layer_additions: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """h_BSD: input embeddings (or token ids [B, S] when this stage has tok_embeddings).
+        position_ids: [B, S], or [B, 3, S] with M-RoPE. layer_additions[i] ([B, S, D]) is added to
+        the output of layer i (DeepStack visual features)."""
         if self.tok_embeddings is not None and not h_BSD.is_floating_point():
             h_BSD = self.tok_embeddings(h_BSD)
-        cos, sin = rope_cos_sin(position_ids_BS, self.inv_freq)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.mrope_section,
+                                self.args.mrope_interleaved)
         mask = document_causal_mask(document_ids_BS)
-        for layer in self.layers.values():
+        for i, layer in enumerate(self.layers.values()):
             h_BSD = layer(h_BSD, cos, sin, mask)
-        h_BSD = self.norm(h_BSD) if self.norm is not None else h_BSD
-        return self.output(h_BSD) if self.output is not None else h_BSD
+            if layer_additions is not None and i < len(layer_additions):
+                h_BSD = h_BSD + layer_additions[i]
+        if self.norm is None:  # not the last pipeline stage
+            return h_BSD
+        h_BSD = self.norm(h_BSD)
+        weight = self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
+        return F.linear(h_BSD, weight)
 
     @torch.no_grad()
     def init_weights(self):
@@ -159,5 +171,5 @@ class Decoder(nn.Module):
             layer.init_weights(std)
         if self.norm is not None:
             self.norm.init_weights()
-        if self.output is not None and not self.args.tie_embeddings:
+        if self.output is not None:
             nn.init.trunc_normal_(self.output.weight, std=self.args.dim ** -0.5)

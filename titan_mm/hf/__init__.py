@@ -1,0 +1,1 @@
+"""HF checkpoint interop: each family's adapter maps its state dict and config to and from HF's."""

@@ -1,0 +1,62 @@
+"""Read and write HF safetensors checkpoints through a family's HFAdapter.
+
+Loading goes through DCP's HuggingFaceStorageReader into the model's own (possibly FSDP-sharded)
+state dict, so each rank reads only its shards and no second full copy is held. Export gathers
+full tensors to CPU and writes sharded safetensors with model.safetensors.index.json and config.json.
+"""
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, set_model_state_dict,
+)
+
+from titan_mm.hf.adapter import HFAdapter
+
+
+def load_hf_weights(model: torch.nn.Module, adapter: HFAdapter, folder: str):
+    state_dict = get_model_state_dict(model)
+    hf_state_dict = adapter.to_hf(state_dict)
+    dcp.load(hf_state_dict, storage_reader=dcp.HuggingFaceStorageReader(folder))
+    set_model_state_dict(model, adapter.from_hf(hf_state_dict))
+
+
+def save_hf_weights(model: torch.nn.Module, adapter: HFAdapter, args, folder: str,
+                    max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
+    """Full weights (every rank joins the gather; rank 0 writes)."""
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    write_hf_folder(adapter.to_hf(state_dict), adapter.hf_config(args), folder, max_shard_bytes, dtype)
+
+
+def write_hf_folder(hf_state_dict: dict[str, torch.Tensor], config: dict, folder: str,
+                    max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
+    os.makedirs(folder, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for key in sorted(hf_state_dict):
+        t = hf_state_dict[key].detach().to("cpu")
+        t = (t.to(dtype) if dtype is not None else t).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
