@@ -5,6 +5,7 @@ checkpointer -> loop. Launch with run_train.sh (torchrun) or plain ``python trai
 """
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ from titan_mm.data.dataloader import build_dataloader
 from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.models import get_model_spec
-from titan_mm.parallel.parallel_dims import ParallelDims
+from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
 from titan_mm.train.checkpoint import CheckpointManager
 from titan_mm.train.lr_scheduler import build_lr_scheduler
 from titan_mm.train.metrics import MetricsLogger, device_peak_tflops
@@ -68,8 +69,15 @@ class Trainer:
             raise ConfigError(f"tokenizer {cfg.model.tokenizer_path} has {self.tokenizer.vocab_size} "
                               f"tokens but {spec.name}/{cfg.model.flavor} embeds only {vocab}")
 
-        self.parallel_dims = ParallelDims(cfg.parallelism.data_parallel_shard_degree, self.world_size)
+        p = cfg.parallelism
+        self.parallel_dims = ParallelDims(
+            dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
+            cp=1, tp=1, pp=1, ulysses=1, world_size=self.world_size)
         mesh = self.parallel_dims.build_mesh(self.device.type)
+        dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+        # ranks that see different tokens: the loss and its token count are summed over them
+        self.loss_group = mesh["loss"].get_group() if mesh is not None else None
+        self.dp_group = mesh["dp"].get_group() if mesh is not None else None
 
         with torch.device("meta"):
             model = spec.model_cls(self.model_args)
@@ -89,7 +97,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, cfg.training.steps)
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, self.model_args.vision_input, seq_len=cfg.training.seq_len,
-            batch_size=cfg.training.local_batch_size, dp_rank=self.rank,
+            batch_size=cfg.training.local_batch_size, dp_rank=dp_rank,
             dp_world=self.parallel_dims.dp_degree, seed=cfg.job.seed)
         self.train_state = TrainState()
         self.losses: list[torch.Tensor] = []
@@ -97,7 +105,7 @@ class Trainer:
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, cfg.job.dump_folder, model=model, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, dataloader=self.dataloader, train_state=self.train_state,
-            rank=self.rank)
+            rank=self.rank, hf_adapter=spec.hf_adapter, model_args=self.model_args)
         self.checkpointer.load()
         self.metrics = MetricsLogger(
             log_freq=cfg.metrics.log_freq, total_steps=cfg.training.steps,
@@ -121,6 +129,15 @@ class Trainer:
             self.train_step(data_iter)
             self.checkpointer.maybe_save(self.train_state.step, last_step=self.train_state.step == cfg.steps)
         self.metrics.close()
+        if self.rank == 0:
+            self.write_losses()
+
+    def write_losses(self):
+        """losses.json: {step: loss} of the steps this process trained (for loss comparisons)."""
+        first = self.train_state.step - len(self.losses) + 1
+        losses = {first + i: loss.item() for i, loss in enumerate(self.losses)}
+        with open(os.path.join(self.cfg.job.dump_folder, "losses.json"), "w") as f:
+            json.dump(losses, f, indent=0)
 
     def train_step(self, data_iter):
         cfg = self.cfg.training
@@ -128,8 +145,8 @@ class Trainer:
         shapes = [BatchShape.of(mb) for mb in microbatches]
         # loss = sum of token losses / valid label tokens of the whole global batch
         num_labels = torch.tensor(float(sum(s.label_tokens for s in shapes)), device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(num_labels)
+        if self.loss_group is not None:
+            dist.all_reduce(num_labels, group=self.loss_group)
         loss = torch.zeros((), device=self.device)
         for mb in microbatches:
             loss += self.forward_backward(mb, num_labels)
@@ -145,13 +162,14 @@ class Trainer:
                 data_stats[k] = data_stats.get(k, 0) + v
         flops = sum(self.training_flops(self.model_args, s) for s in shapes)
         self.metrics.record_step(tokens=sum(s.tokens for s in shapes), flops=flops, data_stats=data_stats)
-        if dist.is_initialized():
-            dist.all_reduce(loss)  # a collective, not a host sync
+        if self.loss_group is not None:
+            dist.all_reduce(loss, group=self.loss_group)  # a collective, not a host sync
         self.losses.append(loss)
         if self.metrics.should_log(step):
-            if dist.is_initialized():
-                self.metrics.data_totals = sum_across_ranks(self.metrics.data_totals)
-            self.metrics.log(step, loss=loss.item(), grad_norm=grad_norm.item(),
+            data_totals = self.metrics.data_totals
+            if self.dp_group is not None:
+                data_totals = sum_across_ranks(data_totals, self.dp_group)
+            self.metrics.log(step, loss=loss.item(), grad_norm=grad_norm.item(), data_totals=data_totals,
                              lr=self.lr_scheduler.get_last_lr()[0],
                              row_slots=cfg.seq_len * cfg.local_batch_size * cfg.gradient_accumulation_steps)
 
@@ -177,9 +195,9 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-def sum_across_ranks(counts: dict) -> dict:
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(counts))
+def sum_across_ranks(counts: dict, group) -> dict:
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, dict(counts), group=group)
     total = {}
     for c in gathered:
         for k, v in c.items():
@@ -232,7 +250,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         trainer = Trainer(cfg)
-    except ConfigError as e:
+    except (ConfigError, ParallelismError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:

@@ -9,6 +9,8 @@ Outputs (relative to --out):
     captions_train.jsonl                    600 {"id", "image", "caption"} rows
     captions_val.jsonl                      100 held-out rows (other images)
     interleaved.jsonl                       80 {"id", "content": [...]} documents
+    chat_train.jsonl                        200 {"id", "messages": [...]} conversations
+                                            about the caption training images
     README.md                               short description
 
 The output is bit-for-bit reproducible for a given --seed: all randomness
@@ -29,6 +31,7 @@ from PIL import Image, ImageDraw
 NUM_TRAIN = 600
 NUM_VAL = 100
 NUM_DOCS = 80
+NUM_CHATS = 200
 
 SIDES = (32, 48, 64, 80, 96, 112, 128)
 SHAPES = ("circle", "square", "triangle")
@@ -68,6 +71,12 @@ OPENINGS = (
 )
 CLOSINGS = ("That is all for now.", "These were all the pictures.", "The end.")
 
+SYSTEM_PROMPTS = ("You are a helpful assistant.", "You describe pictures of coloured shapes.")
+QUESTIONS = ("What is in this picture?", "Describe this image.", "What do you see?",
+             "Can you describe the picture?")
+TWO_IMAGE_QUESTIONS = ("Describe these two pictures.", "What do these pictures show?")
+GREETING = ("Hello!", "Hello! Show me a picture and I will describe it.")
+
 README = """# Sample data
 
 Synthetic image-caption data bundled with titan_mm for smoke tests and demos.
@@ -77,6 +86,9 @@ quadrants of a 2x2 layout; captions describe shape, colour and position.
 - `captions_train.jsonl`: {num_train} caption samples
 - `captions_val.jsonl`: {num_val} held-out caption samples (different images)
 - `interleaved.jsonl`: {num_docs} documents mixing text and 2 to 4 images
+- `chat_train.jsonl`: {num_chats} conversations (OpenAI-style messages) about the
+  caption training images: questions and answers, some with two images, some
+  with follow-up turns or a system prompt
 - `images/`: RGB PNG files of mixed sizes (32 to 128 pixels per side)
 
 Image paths are relative to this folder. Generated deterministically with
@@ -151,20 +163,21 @@ def jittered_offset(rng, slack):
 
 
 def make_image(rng, out_dir, name):
-    """Create one random image file; return (relative path, description)."""
+    """Create one random image file; return (relative path, objects)."""
     objects = sample_content(rng)
     rel_path = f"images/{name}.png"
     render(rng, objects).save(out_dir / rel_path, format="PNG", optimize=True)
-    return rel_path, describe(objects)
+    return rel_path, objects
 
 
 def make_captions(rng, out_dir, start, count):
-    """Create `count` caption samples numbered from `start`."""
-    rows = []
+    """Create `count` caption samples numbered from `start`; return the rows and each image's objects."""
+    rows, objects = [], []
     for index in range(start, start + count):
-        rel_path, desc = make_image(rng, out_dir, f"{index:05d}")
-        rows.append({"id": f"cap-{index:05d}", "image": rel_path, "caption": desc + "."})
-    return rows
+        rel_path, image_objects = make_image(rng, out_dir, f"{index:05d}")
+        rows.append({"id": f"cap-{index:05d}", "image": rel_path, "caption": describe(image_objects) + "."})
+        objects.append(image_objects)
+    return rows, objects
 
 
 def make_document(rng, out_dir, doc_index):
@@ -174,7 +187,8 @@ def make_document(rng, out_dir, doc_index):
     if rng.random() < 0.5:
         segments.append(rng.choice(OPENINGS).format(count=num_images))
     for k in range(num_images):
-        rel_path, desc = make_image(rng, out_dir, f"i{doc_index:05d}_{k}")
+        rel_path, objects = make_image(rng, out_dir, f"i{doc_index:05d}_{k}")
+        desc = describe(objects)
         image = {"type": "image", "image": rel_path}
         if k > 0 and rng.random() < 0.3:
             segments.append(rng.choice(CONNECTIVES))
@@ -185,6 +199,68 @@ def make_document(rng, out_dir, doc_index):
     if rng.random() < 0.3:
         segments.append(rng.choice(CLOSINGS))
     return {"id": f"doc-{doc_index:05d}", "content": merge_texts(segments)}
+
+
+def sentence(text):
+    """Capitalise the first letter and end with a period."""
+    return text[0].upper() + text[1:] + "."
+
+
+def answer_follow_up(rng, objects):
+    """A follow-up question about objects and its answer, both deterministic given rng."""
+    kind = rng.choice(("count", "colours", "shape", "region"))
+    if kind == "count":
+        n = len(objects)
+        return "How many shapes are there?", "There is one shape." if n == 1 else f"There are {COUNT_WORDS[n]} shapes."
+    if kind == "colours":
+        colours = list(dict.fromkeys(colour for _, _, colour in objects))
+        return "Which colours do you see?", f"I see {join_phrases(colours)}."
+    if kind == "shape":
+        shape = rng.choice(SHAPES)
+        found = [(region, colour) for region, s, colour in objects if s == shape]
+        if not found:
+            return f"Is there a {shape}?", f"No, there is no {shape}."
+        region, colour = found[0]
+        return f"Is there a {shape}?", f"Yes, there is a {colour} {shape} at the {region}."
+    region = rng.choice(list(REGIONS))
+    found = [(shape, colour) for r, shape, colour in objects if r == region]
+    if not found:
+        return f"What is at the {region}?", f"Nothing, the {region} is empty."
+    shape, colour = found[0]
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"What is at the {region}?", f"There is {article} {colour} {shape} at the {region}."
+
+
+def image_question(rng, image, question):
+    """A user message with one image before or after the question."""
+    parts = [{"type": "image", "image": image}, {"type": "text", "text": question}]
+    return {"role": "user", "content": parts if rng.random() < 0.7 else parts[::-1]}
+
+
+def make_chat(rng, chat_index, captions, objects):
+    """One conversation about one or two caption images, with optional system prompt, greeting and
+    follow-up questions."""
+    messages = []
+    if rng.random() < 0.25:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    if rng.random() < 0.1:
+        messages += [{"role": "user", "content": GREETING[0]}, {"role": "assistant", "content": GREETING[1]}]
+    if rng.random() < 0.2:
+        first, second = rng.sample(range(len(captions)), 2)
+        parts = [{"type": "text", "text": rng.choice(TWO_IMAGE_QUESTIONS)},
+                 {"type": "image", "image": captions[first]["image"]},
+                 {"type": "image", "image": captions[second]["image"]}]
+        answer = (f"The first picture shows {describe(objects[first])}. "
+                  f"The second picture shows {describe(objects[second])}.")
+        messages += [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]
+    else:
+        index = rng.randrange(len(captions))
+        messages += [image_question(rng, captions[index]["image"], rng.choice(QUESTIONS)),
+                     {"role": "assistant", "content": sentence(describe(objects[index]))}]
+        for _ in range(rng.choice((0, 0, 1, 2))):
+            question, answer = answer_follow_up(rng, objects[index])
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"id": f"chat-{chat_index:05d}", "messages": messages}
 
 
 def merge_texts(segments):
@@ -210,7 +286,8 @@ def write_jsonl(path, rows):
 def reset_output(out_dir):
     """Delete the files this script owns in out_dir and recreate images/."""
     shutil.rmtree(out_dir / "images", ignore_errors=True)
-    for name in ("captions_train.jsonl", "captions_val.jsonl", "interleaved.jsonl", "README.md"):
+    for name in ("captions_train.jsonl", "captions_val.jsonl", "interleaved.jsonl", "chat_train.jsonl",
+                 "README.md"):
         (out_dir / name).unlink(missing_ok=True)
     (out_dir / "images").mkdir(parents=True)
 
@@ -231,10 +308,15 @@ def main():
 
     rng = random.Random(args.seed)
     reset_output(args.out)
-    write_jsonl(args.out / "captions_train.jsonl", make_captions(rng, args.out, 0, NUM_TRAIN))
-    write_jsonl(args.out / "captions_val.jsonl", make_captions(rng, args.out, NUM_TRAIN, NUM_VAL))
+    captions, objects = make_captions(rng, args.out, 0, NUM_TRAIN)
+    write_jsonl(args.out / "captions_train.jsonl", captions)
+    write_jsonl(args.out / "captions_val.jsonl", make_captions(rng, args.out, NUM_TRAIN, NUM_VAL)[0])
     write_jsonl(args.out / "interleaved.jsonl", [make_document(rng, args.out, i) for i in range(NUM_DOCS)])
-    readme = README.format(num_train=NUM_TRAIN, num_val=NUM_VAL, num_docs=NUM_DOCS, seed=args.seed)
+    # drawn last from the same generator, so the files above do not change
+    write_jsonl(args.out / "chat_train.jsonl",
+                [make_chat(rng, i, captions, objects) for i in range(NUM_CHATS)])
+    readme = README.format(num_train=NUM_TRAIN, num_val=NUM_VAL, num_docs=NUM_DOCS,
+                           num_chats=NUM_CHATS, seed=args.seed)
     (args.out / "README.md").write_text(readme, encoding="utf-8", newline="\n")
     print_summary(args.out)
 

@@ -50,8 +50,18 @@ class Model:
 
 @dataclass
 class Data:
-    dataset: Literal["captions", "interleaved"] = "captions"
-    """Kind of samples in ``path``: image-caption pairs or interleaved text/image documents."""
+    dataset: Literal["captions", "interleaved", "chat"] = "captions"
+    """Kind of samples in ``path``: image-caption pairs, interleaved text/image documents, or
+    conversations (``{"id", "messages": [...]}``, OpenAI-style; only assistant turns are trained on)."""
+    chat_format: Literal["plain", "chatml", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llama3"] = "plain"
+    """dataset = "chat": how conversations are written out (titan_mm/data/chat.py). plain = ChatML
+    with the bundled debug tokenizer's <|bos|> and <|eos|>; chatml and qwen3_vl = <|im_start|>role
+    ... <|im_end|>; qwen2_vl and qwen2_5_vl = the same plus the default system prompt "You are a
+    helpful assistant."; llama3 = Llama 3 headers and <|eot_id|>."""
+    video_fps: float = 2.0
+    """Chat video files: frames sampled per second of video (uniformly)."""
+    video_max_frames: int = 16
+    """Chat video files: at most this many sampled frames per video."""
     path: str = "assets/sample_data/captions_train.jsonl"
     """JSONL file of samples; image paths inside it are relative to its folder."""
     max_images_per_row: int = 8
@@ -130,6 +140,14 @@ class Checkpoint:
     """Resume from this step; -1 resumes from the latest checkpoint if one exists."""
     initial_load_path: str = ""
     """Start from these weights (a DCP folder with model weights only) when there is nothing to resume."""
+    initial_load_hf_path: str = ""
+    """Start from this HF folder (safetensors + config.json of the family's HF architecture) when there
+    is nothing to resume; each rank reads only its own shards."""
+    export_hf_path: str = ""
+    """At the last step, also write the weights as an HF folder (sharded safetensors, index,
+    config.json) here; empty = no HF export."""
+    export_hf_dtype: Literal["fp32", "bf16"] = "bf16"
+    """Dtype of the weights written to export_hf_path."""
     export_model_only: bool = True
     """At the last step, also write model weights alone (fp32) to checkpoint/model-step-N."""
 
@@ -146,8 +164,10 @@ class Metrics:
 
 @dataclass
 class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    """HSDP: replicas of the FSDP-sharded model (gradients all-reduced across them)."""
     data_parallel_shard_degree: int = -1
-    """FSDP2 shard degree; -1 = all ranks."""
+    """FSDP2 shard degree; -1 = the ranks left over by the other degrees."""
 
 
 @dataclass
@@ -181,7 +201,7 @@ class JobConfig:
 
 _POSITIVE = {
     "data.max_images_per_row", "data.max_patches_per_image", "data.min_pixels", "data.max_pixels",
-    "data.pack_open_bins", "training.steps", "training.local_batch_size", "training.seq_len",
+    "data.pack_open_bins", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
     "training.gradient_accumulation_steps", "optimizer.lr", "checkpoint.interval",
     "metrics.log_freq",
 }
@@ -208,8 +228,13 @@ def _check_values(cfg: JobConfig) -> list[str]:
     if cfg.data.min_pixels > cfg.data.max_pixels:
         errors.append(f"data.min_pixels = {cfg.data.min_pixels} exceeds data.max_pixels = "
                       f"{cfg.data.max_pixels}; lower min_pixels or raise max_pixels")
+    if cfg.checkpoint.initial_load_path and cfg.checkpoint.initial_load_hf_path:
+        errors.append("checkpoint.initial_load_path and checkpoint.initial_load_hf_path are both set; "
+                      "keep one")
     if cfg.parallelism.data_parallel_shard_degree == 0 or cfg.parallelism.data_parallel_shard_degree < -1:
         errors.append("parallelism.data_parallel_shard_degree must be -1 (all ranks) or >= 1")
+    if cfg.parallelism.data_parallel_replicate_degree < 1:
+        errors.append("parallelism.data_parallel_replicate_degree must be >= 1")
     return errors
 
 

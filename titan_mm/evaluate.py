@@ -54,7 +54,8 @@ def caption_loss(cfg: JobConfig, model: torch.nn.Module, model_args, path: str, 
     tok = Tokenizer(cfg.model.tokenizer_path)
     spec = model_args.vision_input
     shape = RowShape(cfg.training.seq_len, cfg.data.max_images_per_row, cfg.data.max_patches_per_image,
-                     spec.patch_dim, spec.merge_area, tok.pad_id, (tok.image_id,))
+                     spec.patch_dim, spec.merge_area, tok.pad_id, (tok.image_id,),
+                     position_dims=spec.position_dims)
     total, count = 0.0, 0
     for row in BestFitPacker(ListSource(docs), shape, cfg.data.pack_open_bins):
         batch = collate_rows([row], cfg.data.max_patches_per_image // spec.merge_area)

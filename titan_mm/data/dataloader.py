@@ -9,6 +9,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titan_mm.config import Data
+from titan_mm.data.chat import ChatDocumentBuilder
 from titan_mm.data.documents import DocumentBuilder
 from titan_mm.data.image import ImageProcessor, VisionInputSpec
 from titan_mm.data.packing import BestFitPacker, RowShape
@@ -56,7 +57,11 @@ def check_image_budget(cfg: Data, patch_size: int, merge: int):
 
 
 def build_document_builder(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec) -> DocumentBuilder:
-    return DocumentBuilder(tokenizer, ImageProcessor(spec, cfg.min_pixels, cfg.max_pixels))
+    processor = ImageProcessor(spec, cfg.min_pixels, cfg.max_pixels)
+    if cfg.dataset == "chat":
+        return ChatDocumentBuilder(tokenizer, processor, cfg.chat_format, spec.positions_fn,
+                                   video_fps=cfg.video_fps, video_max_frames=cfg.video_max_frames)
+    return DocumentBuilder(tokenizer, processor, spec.positions_fn)
 
 
 def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, seq_len: int,
@@ -66,9 +71,11 @@ def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, 
     source = JsonlSource(cfg.path, cfg.dataset, builder, dp_rank=dp_rank, dp_world=dp_world,
                          seed=seed, shuffle=cfg.shuffle)
     merge_area = spec.merge_area
+    media_token_ids = tuple(i for i in (tokenizer.image_id, tokenizer.video_id) if i is not None)
     shape = RowShape(seq_len=seq_len, max_images=cfg.max_images_per_row,
                      max_patches=cfg.max_patches_per_image, patch_dim=spec.patch_dim,
-                     merge_area=merge_area, pad_id=tokenizer.pad_id, media_token_ids=(tokenizer.image_id,))
+                     merge_area=merge_area, pad_id=tokenizer.pad_id, media_token_ids=media_token_ids,
+                     position_dims=spec.position_dims)
     packer = BestFitPacker(source, shape, cfg.pack_open_bins)
     return StatefulDataLoader(packer, batch_size=batch_size, num_workers=cfg.num_workers,
                               collate_fn=Collator(cfg.max_patches_per_image // merge_area),

@@ -1,10 +1,11 @@
 """Turn raw samples into documents: token ids, which tokens are trained on, and image patches."""
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from titan_mm.data.image import ImageProcessor, MediaError, load_image
+from titan_mm.data.image import ImageProcessor, MediaError, load_image, to_uint8
 from titan_mm.data.tokenizer import Tokenizer
 
 
@@ -27,6 +28,8 @@ class Image:
     is_video: bool = False
     seconds_per_temporal_patch: float = 0.0
     """Videos: seconds between consecutive temporal patches (for time-aware position ids)."""
+    first_token: int = -1
+    """Index of its first placeholder token in its document (set by the builder)."""
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -49,12 +52,15 @@ class Document:
 
 class DocumentBuilder:
     """Builds documents ``<bos> ... <eos>`` where every image becomes
-    ``<image_start> <image_pad> * n <image_end>`` with n = its merged patch count."""
+    ``<image_start> <image_pad> * n <image_end>`` with n = its merged patch count (videos use
+    ``<video_pad>``). ``positions_fn(doc)``, when given, sets each document's position ids."""
 
-    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor):
+    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor,
+                 positions_fn: Callable[[Document], torch.Tensor] | None = None):
         self.tok = tokenizer
         self.image_processor = image_processor
         self.merge_area = image_processor.merge_size ** 2
+        self.positions_fn = positions_fn
 
     def caption(self, ref: str, image_path: str, caption: str) -> Document:
         doc = self._start(ref)
@@ -70,8 +76,11 @@ class DocumentBuilder:
                 self._add_text(doc, part["text"], supervised=True)
             elif kind == "image" and isinstance(part.get("image"), str):
                 self._add_image(doc, f"{image_root}/{part['image']}")
+            elif kind == "video" and _is_frame_list(part.get("video")) and _is_positive(part.get("fps")):
+                self._add_video(doc, [f"{image_root}/{f}" for f in part["video"]], part["fps"])
             else:
-                raise SampleError("malformed", f"{ref}: content part {part!r} is not text or image")
+                raise SampleError("malformed", f"{ref}: content part {part!r} is not text, image or "
+                                               f"video (a list of frame files and their fps)")
         if not any(doc.targets):
             raise SampleError("empty", f"{ref}: no text to train on")
         return self._finish(doc)
@@ -82,6 +91,8 @@ class DocumentBuilder:
     def _finish(self, doc: Document) -> Document:
         doc.tokens.append(self.tok.eos_id)
         doc.targets.append(True)
+        if self.positions_fn is not None:
+            doc.positions = self.positions_fn(doc)
         return doc
 
     def _add_text(self, doc: Document, text: str, supervised: bool):
@@ -94,7 +105,40 @@ class DocumentBuilder:
             patches, coords = self.image_processor(load_image(path))
         except MediaError as e:
             raise SampleError(e.kind, f"{doc.ref}: {e}") from None
-        n = patches.shape[0] // self.merge_area
-        doc.tokens += [self.tok.image_start_id] + [self.tok.image_id] * n + [self.tok.image_end_id]
-        doc.targets += [False] * (n + 2)
-        doc.images.append(Image(patches, coords))
+        self._add_media(doc, Image(patches, coords), self.tok.image_id)
+
+    def _add_video(self, doc: Document, frame_paths: list[str], fps: float):
+        """A video given as its sampled frames (image files of one size), ``fps`` frames a second."""
+        if self.tok.video_id is None:
+            raise SampleError("unsupported", f"{doc.ref}: a video sample, but the tokenizer defines "
+                                             f"no video_token")
+        try:
+            frames = [to_uint8(load_image(path)) for path in frame_paths]
+            if any(f.shape != frames[0].shape for f in frames):
+                raise MediaError("corrupt_video", f"frames of {frame_paths[0]}... differ in size")
+            patches, coords = self.image_processor.video(torch.stack(frames))
+        except MediaError as e:
+            raise SampleError(e.kind, f"{doc.ref}: {e}") from None
+        seconds = self.image_processor.temporal_patch_size / fps
+        self._add_media(doc, Image(patches, coords, is_video=True, seconds_per_temporal_patch=seconds),
+                        self.tok.video_id)
+
+    def _add_media(self, doc: Document, media: Image, placeholder_id: int):
+        layout = self.image_processor.video_layout if media.is_video else None
+        if layout is not None:
+            tokens = layout(self.tok, media)
+        else:
+            n = media.patches.shape[0] // self.merge_area
+            tokens = [self.tok.image_start_id] + [placeholder_id] * n + [self.tok.image_end_id]
+        media.first_token = len(doc.tokens) + tokens.index(placeholder_id)
+        doc.tokens += tokens
+        doc.targets += [False] * len(tokens)
+        doc.images.append(media)
+
+
+def _is_frame_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(f, str) for f in value)
+
+
+def _is_positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0

@@ -1,9 +1,11 @@
-"""Image loading, aspect-preserving resize, normalisation and patchify into merge-block order."""
+"""Image and video loading, aspect-preserving resize, normalisation and patchify into merge-block order."""
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -32,8 +34,10 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     [min_pixels, max_pixels] (the Qwen2-VL rule)."""
     if max(height, width) / min(height, width) > 200:
         raise MediaError("bad_aspect", f"aspect ratio {height}x{width} exceeds 200")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
+    # a side may round to 0: the min_pixels branch then sizes it, as in HF (a max(factor, .) here
+    # would skip that branch and give tiny images another size than HF's)
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)
@@ -42,27 +46,37 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         beta = math.sqrt(min_pixels / (height * width))
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
-    return h, w
+    return max(factor, h), max(factor, w)
+
+
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W]."""
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(img.height, img.width, 3).permute(2, 0, 1)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 [3, H, W] in [0, 1]."""
-    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return data.view(img.height, img.width, 3).permute(2, 0, 1).float() / 255.0
+    return to_uint8(img).float() / 255.0
 
 
-def patchify(frames_TCHW: torch.Tensor, patch: int, temporal_patch: int, merge: int):
+def patchify(frames_TCHW: torch.Tensor, patch: int, temporal_patch: int, merge: int,
+             channels_last: bool = False):
     """Cut frames into flattened patches in merge-block order.
 
-    Returns patches [n, C * tp * p * p] (features ordered C, tp, p, p) and coords [n, 3] with each
-    patch's (t, h, w) grid position. The m x m patches of each merge block are consecutive, ordered
-    (t, h_block, w_block, h_in_block, w_in_block), as the Qwen2-VL processor orders them.
+    Returns patches [n, C * tp * p * p] (features ordered C, tp, p, p, or tp, p, p, C with
+    channels_last as SigLIP2 flattens them) and coords [n, 3] with each patch's (t, h, w) grid
+    position. The m x m patches of each merge block are consecutive, ordered
+    (t, h_block, w_block, h_in_block, w_in_block), as the Qwen2-VL processor orders them; with
+    m = 1 that is plain row-major order, SigLIP2's.
     """
     T, C, H, W = frames_TCHW.shape
     gt, gh, gw = T // temporal_patch, H // patch, W // patch
     x = frames_TCHW.reshape(gt, temporal_patch, C, gh // merge, merge, patch, gw // merge, merge, patch)
-    # gt tp C bh m p bw m p -> gt bh bw m m C tp p p
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    if channels_last:  # gt tp C bh m p bw m p -> gt bh bw m m tp p p C
+        x = x.permute(0, 3, 6, 4, 7, 1, 5, 8, 2)
+    else:  # gt tp C bh m p bw m p -> gt bh bw m m C tp p p
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     patches = x.reshape(gt * gh * gw, C * temporal_patch * patch * patch)
     t, h, w = torch.meshgrid(torch.arange(gt), torch.arange(gh), torch.arange(gw), indexing="ij")
     coords = torch.stack([t, h, w], dim=-1)  # gt gh gw 3
@@ -80,6 +94,16 @@ class VisionInputSpec:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     in_channels: int = 3
+    channels_last: bool = False
+    """Flatten each patch as (tp, p, p, C) (SigLIP2) instead of (C, tp, p, p) (Qwen2-VL)."""
+    positions_fn: Callable | None = None
+    """positions_fn(doc) -> [position_dims, n] position ids of a document (M-RoPE), computed when
+    the document is built; None = 0..n-1."""
+    position_dims: int = 1
+    video_layout: Callable | None = None
+    """video_layout(tokenizer, video) -> the token ids of a video's placeholders, when a model lays
+    them out other than ``<image_start> <video_pad> * n <image_end>`` (Qwen3-VL: one block per
+    temporal patch, each after its timestamp)."""
 
     @property
     def patch_dim(self) -> int:
@@ -91,21 +115,44 @@ class VisionInputSpec:
 
 
 class ImageProcessor:
-    """PIL image -> (patches [n, D], coords [n, 3]) for one model's patch/merge/normalisation."""
+    """PIL image (or video frames) -> (patches [n, D], coords [n, 3]) for one model's
+    patch/merge/normalisation."""
 
     def __init__(self, spec: VisionInputSpec, min_pixels: int, max_pixels: int):
         self.patch_size, self.merge_size = spec.patch_size, spec.spatial_merge_size
         self.temporal_patch_size = spec.temporal_patch_size
+        self.channels_last = spec.channels_last
+        self.video_layout = spec.video_layout
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.mean = torch.tensor(spec.image_mean).view(3, 1, 1)
         self.std = torch.tensor(spec.image_std).view(3, 1, 1)
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w = smart_resize(img.height, img.width, self.patch_size * self.merge_size,
-                            self.min_pixels, self.max_pixels)
+        h, w = self._target_size(img.height, img.width)
         if (h, w) != (img.height, img.width):
             img = img.resize((w, h), Image.Resampling.BICUBIC)
         pixels = (to_tensor(img) - self.mean) / self.std
         # a still image fills every frame of a temporal patch
         frames = pixels[None].expand(self.temporal_patch_size, -1, -1, -1)
-        return patchify(frames, self.patch_size, self.temporal_patch_size, self.merge_size)
+        return patchify(frames, self.patch_size, self.temporal_patch_size, self.merge_size,
+                        self.channels_last)
+
+    def video(self, frames_TCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 frames [T, 3, H, W] -> patches of consecutive frame groups (temporal patches)."""
+        T, _, H, W = frames_TCHW.shape
+        h, w = self._target_size(H, W)
+        if (h, w) != (H, W):
+            # antialiased bicubic on uint8: what HF's video processor (torchvision) computes; it
+            # differs from PIL's resize of still images by 1 grey level at some pixels
+            frames_TCHW = F.interpolate(frames_TCHW, size=(h, w), mode="bicubic", antialias=True,
+                                        align_corners=False)
+        # an incomplete last temporal patch repeats the last frame
+        pad = -T % self.temporal_patch_size
+        frames_TCHW = torch.cat([frames_TCHW, frames_TCHW[-1:].expand(pad, -1, -1, -1)])
+        pixels = (frames_TCHW.float() / 255.0 - self.mean) / self.std
+        return patchify(pixels, self.patch_size, self.temporal_patch_size, self.merge_size,
+                        self.channels_last)
+
+    def _target_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels,
+                            self.max_pixels)

@@ -1,4 +1,5 @@
-"""Sample sources: JSONL files of captions or interleaved documents, sharded by rank and worker.
+"""Sample sources: JSONL files of captions, interleaved documents or conversations, sharded by rank
+and worker.
 
 A source yields ``(index, Document)``; bad samples are skipped and counted in ``stats`` by kind.
 Its position (epoch, offset into this shard's order) is its whole state, so resume is exact.
@@ -92,6 +93,8 @@ class JsonlSource:
             if not isinstance(image, str) or not isinstance(caption, str) or not caption.strip():
                 raise SampleError("malformed", f"{ref}: needs string fields 'image' and 'caption'")
             return self.builder.caption(ref, os.path.join(self.root, image), caption)
+        if self.kind == "chat":
+            return self.builder.chat(ref, sample.get("messages"), self.root)
         content = sample.get("content")
         if not isinstance(content, list) or not content:
             raise SampleError("empty", f"{ref}: needs a non-empty 'content' list")

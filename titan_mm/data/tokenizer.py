@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
 
@@ -10,7 +11,8 @@ class Tokenizer:
     """Text <-> ids, plus the ids of the special tokens the data pipeline inserts.
 
     Special tokens are named by keys of tokenizer_config.json (pad_token, eos_token, bos_token,
-    image_start_token, image_token, image_end_token); ``special_tokens`` fills or overrides them, so a
+    image_start_token, image_token, image_end_token, and optionally video_token, the placeholder of
+    video frames; ``video_id`` is None without it); ``special_tokens`` fills or overrides them, so a
     model family can name its own (e.g. Qwen's <|vision_start|>) for an HF checkpoint's tokenizer.
     """
 
@@ -21,6 +23,7 @@ class Tokenizer:
         self._tok = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
         config_path = folder / "tokenizer_config.json"
         special = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self._add_declared_tokens(special.get("added_tokens_decoder", {}))
         special.update(special_tokens or {})
         self.pad_id = self._token_id(special, "pad_token")
         self.eos_id = self._token_id(special, "eos_token")
@@ -28,6 +31,23 @@ class Tokenizer:
         self.image_start_id = self._token_id(special, "image_start_token")
         self.image_id = self._token_id(special, "image_token")
         self.image_end_id = self._token_id(special, "image_end_token")
+        self.video_id = self._token_id(special, "video_token") if special.get("video_token") else None
+
+    def _add_declared_tokens(self, added_tokens_decoder: dict):
+        """Add the tokens tokenizer_config.json declares (id -> token) but tokenizer.json lacks."""
+        for token_id, entry in sorted(added_tokens_decoder.items(), key=lambda item: int(item[0])):
+            known = self._tok.token_to_id(entry["content"])
+            if known == int(token_id):
+                continue
+            # added tokens take the next free id, so only a token declared at that id can be added
+            if known is not None or int(token_id) != self._tok.get_vocab_size():
+                raise ValueError(f"tokenizer_config.json declares {entry['content']!r} at id {token_id} "
+                                 f"but tokenizer.json has it at {known} (vocabulary size "
+                                 f"{self._tok.get_vocab_size()}); the two files do not belong together")
+            self._tok.add_special_tokens([AddedToken(
+                entry["content"], single_word=entry.get("single_word", False),
+                lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False),
+                normalized=entry.get("normalized", False), special=entry.get("special", True))])
 
     def _token_id(self, special: dict, key: str) -> int:
         if special.get(key) is None:
@@ -43,8 +63,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry (e.g. a special token such as <|im_start|>), or None."""
+        return self._tok.token_to_id(token)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids and the character offset in ``text`` where each token starts."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, [start for start, _ in encoding.offsets]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)

@@ -15,6 +15,9 @@ class HFAdapter:
     """
 
     key_map: list[tuple[str, str]] = []
+    hf_prefix_aliases: list[tuple[str, str]] = []
+    """(prefix of names key_map writes, prefix other writers give the same tensors), tried in order
+    for names a checkpoint lacks: e.g. transformers 5 saves a SigLIP2 tower without 'vision_model.'."""
 
     def hf_config(self, args) -> dict:
         """config.json content for a model of these args (transformers can load it)."""
@@ -30,6 +33,16 @@ class HFAdapter:
     def from_hf(self, hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self._rename(k, self._from_hf): v for k, v in hf_state_dict.items()
                 if not self.ignored_hf_key(k)}
+
+    def stored_name(self, hf_key: str, available: set[str]) -> str:
+        """``hf_key`` as a checkpoint holding the names ``available`` spells it (unchanged when no
+        alias is found there either, so the loader reports it missing)."""
+        if hf_key in available:
+            return hf_key
+        for ours, theirs in self.hf_prefix_aliases:
+            if hf_key.startswith(ours) and theirs + hf_key[len(ours):] in available:
+                return theirs + hf_key[len(ours):]
+        return hf_key
 
     def ignored_hf_key(self, key: str) -> bool:
         """HF keys with no titan_mm counterpart (e.g. a tied lm_head.weight)."""

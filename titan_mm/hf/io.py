@@ -11,6 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, set_model_state_dict,
@@ -22,17 +23,31 @@ from titan_mm.hf.adapter import HFAdapter
 def load_hf_weights(model: torch.nn.Module, adapter: HFAdapter, folder: str):
     state_dict = get_model_state_dict(model)
     hf_state_dict = adapter.to_hf(state_dict)
-    dcp.load(hf_state_dict, storage_reader=dcp.HuggingFaceStorageReader(folder))
+    available = hf_folder_names(folder)
+    # the same tensors under the names this folder uses; DCP reads into them in place
+    as_stored = {adapter.stored_name(k, available): v for k, v in hf_state_dict.items()}
+    dcp.load(as_stored, storage_reader=dcp.HuggingFaceStorageReader(folder))
     set_model_state_dict(model, adapter.from_hf(hf_state_dict))
+
+
+def hf_folder_names(folder: str) -> set[str]:
+    """Tensor names of every safetensors file in ``folder`` (headers only)."""
+    names = set()
+    for file in os.listdir(folder):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, file), framework="pt") as f:
+                names.update(f.keys())
+    return names
 
 
 def save_hf_weights(model: torch.nn.Module, adapter: HFAdapter, args, folder: str,
                     max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
     """Full weights (every rank joins the gather; rank 0 writes)."""
+    config = adapter.hf_config(args)  # first: it says why a model has no HF layout
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    write_hf_folder(adapter.to_hf(state_dict), adapter.hf_config(args), folder, max_shard_bytes, dtype)
+    write_hf_folder(adapter.to_hf(state_dict), config, folder, max_shard_bytes, dtype)
 
 
 def write_hf_folder(hf_state_dict: dict[str, torch.Tensor], config: dict, folder: str,
@@ -58,5 +73,20 @@ def write_hf_folder(hf_state_dict: dict[str, torch.Tensor], config: dict, folder
             total += t.numel() * t.element_size()
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    dtypes = {t.dtype for shard in shards for t in shard.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        config = {**config, "torch_dtype": str(dtypes.pop()).removeprefix("torch.")}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+
+def load_hf_state_dict(model: torch.nn.Module, adapter: HFAdapter, hf_state_dict: dict[str, torch.Tensor]):
+    """load_hf_weights from an in-memory HF state dict (e.g. a transformers model's): the same key
+    mapping, picking only the tensors the model has (a tied lm_head.weight, SigLIP2's pooling head
+    and the like are left out)."""
+    available = set(hf_state_dict)
+    stored = {k: adapter.stored_name(k, available) for k in adapter.to_hf(get_model_state_dict(model))}
+    missing = sorted(v for v in stored.values() if v not in available)
+    if missing:
+        raise KeyError(f"the HF state dict lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    set_model_state_dict(model, adapter.from_hf({k: hf_state_dict[v] for k, v in stored.items()}))

@@ -32,4 +32,13 @@ def get_model_spec(name: str) -> ModelSpec:
     if name == "llava":
         from titan_mm.models.llava import SPEC
         return SPEC
-    raise ValueError(f"unknown model.name {name!r}; available: ['llava']")
+    if name == "llama":
+        from titan_mm.models.llama import SPEC
+        return SPEC
+    if name == "qwen2_5_vl":
+        from titan_mm.models.qwen2_5_vl import SPEC
+        return SPEC
+    if name == "qwen3_vl":
+        from titan_mm.models.qwen3_vl import SPEC
+        return SPEC
+    raise ValueError(f"unknown model.name {name!r}; available: ['llava', 'llama', 'qwen2_5_vl', 'qwen3_vl']")

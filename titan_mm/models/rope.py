@@ -5,11 +5,37 @@ Plain RoPE takes position ids [B, S]. Multimodal RoPE (M-RoPE, Qwen2-VL and late
 sections (Qwen2/2.5-VL) or interleaved ones (Qwen3-VL).
 """
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 
-def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's long-context RoPE ("rope_type": "llama3" in HF configs): low frequencies are
+    slowed by ``factor``, high ones kept, and those between blended."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+def rope_inv_freq(head_dim: int, theta: float, device=None,
+                  scaling: Llama3RopeScaling | None = None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    return inv_freq if scaling is None else _llama3_scaled(inv_freq, scaling)
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, s: Llama3RopeScaling) -> torch.Tensor:
+    """Wavelengths above original_max / low_freq_factor are stretched by ``factor``, those below
+    original_max / high_freq_factor kept, and those between interpolated linearly in 1 / wavelength."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smooth = smooth.clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,

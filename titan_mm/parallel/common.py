@@ -19,9 +19,20 @@ def apply_compile(blocks: nn.ModuleDict):
         block.compile(fullgraph=True)
 
 
+def fsdp_mesh(mesh: DeviceMesh, dp_replicate: int) -> DeviceMesh:
+    """1-D FSDP mesh, or 2-D (replicate, shard) for HSDP."""
+    return mesh["dp_replicate", "fsdp"] if dp_replicate > 1 else mesh["fsdp"]
+
+
 def apply_fsdp(blocks: list[nn.Module], root: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype):
-    """Shard each block on its own (parameters gathered per block), then the rest with the root."""
+    """Shard each block on its own (parameters gathered per block), then the rest with the root.
+
+    Gradients are summed, not averaged, across ranks: the loss is already divided by the global
+    number of label tokens.
+    """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(root, mesh=mesh, mp_policy=mp)
+    for module in (*blocks, root):
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+        module.set_gradient_divide_factor(1.0)
+        # plain SUM collectives: gloo (CPU) has no pre-multiplied sum
+        module.set_force_sum_reduction_for_comms(True)

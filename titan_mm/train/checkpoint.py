@@ -1,7 +1,8 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): resharding-friendly, one folder per step.
 
 A training checkpoint holds model, optimizer, LR scheduler, step, and per-rank dataloader and RNG
-states, so a resumed run continues bit-for-bit. A model-only export holds the weights alone.
+states, so a resumed run continues bit-for-bit. A model-only export holds the weights alone. With the
+family's HF adapter, a run can also start from an HF folder and write one at its last step.
 """
 
 import logging
@@ -19,6 +20,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from titan_mm.config import Checkpoint as CheckpointConfig
+from titan_mm.config import ConfigError
+from titan_mm.hf.io import load_hf_weights, save_hf_weights
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +78,20 @@ def set_rng_state(state: dict):
 
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model, optimizer, lr_scheduler,
-                 dataloader, train_state: Stateful, rank: int):
+                 dataloader, train_state: Stateful, rank: int, hf_adapter=None, model_args=None):
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.rank = rank
         self.model = model
+        self.hf_adapter, self.model_args = hf_adapter, model_args
+        if cfg.initial_load_hf_path or cfg.export_hf_path:
+            if hf_adapter is None:
+                raise ConfigError("this model family has no HF adapter; unset checkpoint.initial_load_hf_path "
+                                  "and checkpoint.export_hf_path")
+            try:
+                hf_adapter.hf_config(model_args)  # a flavor without an HF layout fails here, not at the end
+            except ValueError as e:
+                raise ConfigError(f"checkpoint.initial_load_hf_path / export_hf_path: {e}") from None
         self.states = {
             "model": ModelState(model),
             "optimizer": OptimizerState(model, optimizer),
@@ -100,8 +112,12 @@ class CheckpointManager:
         return sorted(steps)
 
     def maybe_save(self, step: int, last_step: bool):
-        if not self.cfg.enable or not (last_step or step % self.cfg.interval == 0):
-            return
+        if self.cfg.enable and (last_step or step % self.cfg.interval == 0):
+            self.save(step, last_step)
+        if last_step and self.cfg.export_hf_path:
+            self.export_hf(self.cfg.export_hf_path)
+
+    def save(self, step: int, last_step: bool):
         start = time.perf_counter()
         dcp.save(self.states, checkpoint_id=self.step_folder(step))
         logger.info("saved checkpoint step-%d in %.1fs", step, time.perf_counter() - start)
@@ -114,9 +130,17 @@ class CheckpointManager:
         dcp.save({"model": ModelState(self.model)}, checkpoint_id=path)
         logger.info("exported model weights to %s", path)
 
+    def export_hf(self, path: str):
+        """Full weights as an HF folder (every rank joins the gather; rank 0 writes)."""
+        start = time.perf_counter()
+        dtype = torch.bfloat16 if self.cfg.export_hf_dtype == "bf16" else torch.float32
+        save_hf_weights(self.model, self.hf_adapter, self.model_args, path, dtype=dtype)
+        logger.info("exported HF weights to %s in %.1fs", path, time.perf_counter() - start)
+
     def load(self) -> int:
-        """Resume from load_step or the latest checkpoint; else initial_load_path. Returns the step."""
+        """Resume from load_step or the latest checkpoint; else the initial weights. Returns the step."""
         if not self.cfg.enable:
+            self.load_initial_weights()
             return 0
         steps = self.saved_steps()
         if self.cfg.load_step >= 0:
@@ -127,13 +151,20 @@ class CheckpointManager:
         elif steps:
             step = steps[-1]
         else:
-            if self.cfg.initial_load_path:
-                dcp.load({"model": ModelState(self.model)}, checkpoint_id=self.cfg.initial_load_path)
-                logger.info("loaded initial weights from %s", self.cfg.initial_load_path)
+            self.load_initial_weights()
             return 0
         dcp.load(self.states, checkpoint_id=self.step_folder(step))
         logger.info("resumed from checkpoint step-%d", step)
         return step
+
+    def load_initial_weights(self):
+        """initial_load_path (DCP, model only) or initial_load_hf_path (HF folder), if set."""
+        if self.cfg.initial_load_path:
+            dcp.load({"model": ModelState(self.model)}, checkpoint_id=self.cfg.initial_load_path)
+            logger.info("loaded initial weights from %s", self.cfg.initial_load_path)
+        elif self.cfg.initial_load_hf_path:
+            load_hf_weights(self.model, self.hf_adapter, self.cfg.initial_load_hf_path)
+            logger.info("loaded initial weights from HF folder %s", self.cfg.initial_load_hf_path)
 
     def _purge_old(self):
         if self.cfg.keep_latest_k <= 0 or self.rank != 0:

@@ -46,6 +46,7 @@ class MetricsLogger:
             os.makedirs(tb_folder, exist_ok=True)
             self.writer = SummaryWriter(tb_folder)
         self.data_totals: Counter = Counter()
+        """This rank's data counts since the start of the run."""
         self._reset_window()
 
     def _reset_window(self):
@@ -66,14 +67,15 @@ class MetricsLogger:
         self.window_data.update(data_stats)
         self.data_totals.update(data_stats)
 
-    def log(self, step: int, *, loss: float, grad_norm: float, lr: float, row_slots: int):
+    def log(self, step: int, *, loss: float, grad_norm: float, lr: float, row_slots: int, data_totals: dict):
+        """data_totals: counts since the start of the run, summed over data-parallel ranks."""
         elapsed = time.perf_counter() - self.window_start
         tps = self.window_tokens / elapsed
         mfu = self.window_flops / elapsed / self.peak_flops if self.peak_flops else None
         mem = peak_memory_gib(self.device)
         eta = (self.total_steps - step) * elapsed / max(1, self.window_steps)
         pad = self.window_data.get("pad_tokens", 0) / max(1, row_slots * self.window_steps)
-        skipped = {k: v for k, v in self.data_totals.items()
+        skipped = {k: v for k, v in data_totals.items()
                    if k not in ("pad_tokens", "rows", "documents")}
         parts = [f"step {step:>5}/{self.total_steps}", f"loss {loss:7.4f}", f"grad_norm {grad_norm:7.3f}",
                  f"lr {lr:.2e}", f"tok/s {tps:,.0f}", "mfu " + (f"{100 * mfu:.1f}%" if mfu else "-"),

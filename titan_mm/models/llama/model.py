@@ -1,17 +1,20 @@
 """Decoder of the Llama 3 / Qwen2 / Qwen3 family: RMSNorm, GQA, RoPE, SwiGLU.
 
-Options cover the family's differences: qkv bias (Qwen2), q/k RMSNorm (Qwen3), tied embeddings.
+Options cover the family's differences: qkv bias (Qwen2), q/k RMSNorm (Qwen3), Llama 3.1 RoPE
+scaling, tied embeddings. TextModel is the decoder alone as a model of the text-only family.
 Single-device code; parallelisms are applied from outside (titan_mm/parallel).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titan_mm.data.batch import BatchShape
+from titan_mm.data.image import VisionInputSpec
 from titan_mm.models.attention import document_causal_mask, sdpa
-from titan_mm.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from titan_mm.models.rope import Llama3RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 @dataclass
@@ -25,6 +28,10 @@ class DecoderArgs:
     vocab_size: int = 512
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: Llama3RopeScaling | None = None
+    """Llama 3.1+ long-context frequency scaling; None = plain RoPE."""
+    max_position_embeddings: int = 4096
+    """Context length recorded in HF config.json; the model itself has no length limit."""
     qkv_bias: bool = False
     qk_norm: bool = False
     tie_embeddings: bool = False
@@ -139,7 +146,8 @@ class Decoder(nn.Module):
         # tied embeddings reuse tok_embeddings.weight in forward instead of sharing a Parameter:
         # sharing does not survive to_empty() or FSDP sharding
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(args.head_dim, args.rope_theta), persistent=False)
+        inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, scaling=args.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, h_BSD: torch.Tensor, position_ids: torch.Tensor, document_ids_BS: torch.Tensor,
                 layer_additions: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -163,7 +171,8 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        self.inv_freq.copy_(rope_inv_freq(self.args.head_dim, self.args.rope_theta))
+        self.inv_freq.copy_(rope_inv_freq(self.args.head_dim, self.args.rope_theta,
+                                          scaling=self.args.rope_scaling))
         std = self.args.init_std
         if self.tok_embeddings is not None:
             nn.init.normal_(self.tok_embeddings.weight, std=std)
@@ -173,3 +182,44 @@ class Decoder(nn.Module):
             self.norm.init_weights()
         if self.output is not None:
             nn.init.trunc_normal_(self.output.weight, std=self.args.dim ** -0.5)
+
+
+@dataclass
+class TextArgs:
+    decoder: DecoderArgs = field(default_factory=DecoderArgs)
+    vision_input: VisionInputSpec = field(default_factory=lambda: VisionInputSpec(
+        patch_size=32, temporal_patch_size=1, spatial_merge_size=2, image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5)))
+    """How the data pipeline cuts the images of mixed datasets; a text model never reads the pixels,
+    so a coarse grid keeps the placeholder tokens few (one per 64 x 64 pixels)."""
+
+
+class TextModel(nn.Module):
+    """A Llama / Qwen language model on the multimodal batch layout: the media inputs every batch
+    carries (pixel_values, grid_thw, image_token_index) are accepted and ignored, so image
+    placeholders are trained as ordinary tokens."""
+
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.args = args
+        self.decoder = Decoder(args.decoder)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
+                image_token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids/position_ids/document_ids [B, S]. Returns logits [B, S, V]."""
+        return self.decoder(input_ids, position_ids, document_ids)
+
+    def init_weights(self):
+        self.decoder.init_weights()
+
+
+def training_flops(args: TextArgs, shape: BatchShape) -> float:
+    """Matmul FLOPs of one training step (3 x forward) over valid tokens; attention counts causal
+    pairs inside each document."""
+    d = args.decoder
+    q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+    linear = d.n_layers * (2 * d.dim * q_dim + 2 * d.dim * kv_dim + 3 * d.dim * d.ffn_hidden_dim)
+    linear += d.dim * d.vocab_size
+    attention = d.n_layers * 2 * q_dim * shape.doc_len_sq_sum  # causal: half of 4 * S^2 * q_dim
+    return 3.0 * (2 * linear * shape.tokens + attention)

@@ -25,38 +25,46 @@ class LlavaArgs:
     spatial_merge_size: int = 2
     """m: each m x m block of patches becomes one image token (1 = no merge)."""
     projector_hidden_dim: int = 512
+    projector_norm: bool = True
+    """LayerNorm the ViT output before the projector (HF LlavaMultiModalProjector has none)."""
+    image_token_id: int = -1
+    """Id of the image placeholder token, recorded in HF config.json (the model itself reads
+    image_token_index)."""
 
     @property
     def vision_input(self) -> VisionInputSpec:
         v = self.vision
         return VisionInputSpec(v.patch_size, v.temporal_patch_size, self.spatial_merge_size,
-                               v.image_mean, v.image_std, v.in_channels)
+                               v.image_mean, v.image_std, v.in_channels, v.channels_last)
 
 
 class Projector(nn.Module):
-    """LayerNorm, concatenate each m x m block of patches, then Linear-GELU-Linear to the decoder width.
+    """[LayerNorm,] concatenate each m x m block of patches, then Linear-GELU-Linear to the decoder
+    width. With m = 1 and no norm it is HF's LlavaMultiModalProjector.
 
     Patches arrive in merge-block order (the m*m patches of a block are consecutive), so the merge
     is a reshape.
     """
 
-    def __init__(self, vision_dim: int, merge: int, hidden_dim: int, out_dim: int, eps: float):
+    def __init__(self, vision_dim: int, merge: int, hidden_dim: int, out_dim: int, eps: float,
+                 norm: bool = True):
         super().__init__()
         self.merge_area = merge * merge
-        self.norm = nn.LayerNorm(vision_dim, eps=eps)
+        self.norm = nn.LayerNorm(vision_dim, eps=eps) if norm else None
         self.linear_1 = nn.Linear(vision_dim * self.merge_area, hidden_dim)
         self.linear_2 = nn.Linear(hidden_dim, out_dim)
 
     def forward(self, x_NLD: torch.Tensor) -> torch.Tensor:
         """[N, L, D_vision] -> [N * L / m^2, D_text], image-major."""
-        x = self.norm(x_NLD)
+        x = self.norm(x_NLD) if self.norm is not None else x_NLD
         x = x.reshape(-1, self.merge_area * x.shape[-1])  # (N L/m^2) (m^2 D)
         return self.linear_2(F.gelu(self.linear_1(x)))
 
     @torch.no_grad()
     def init_weights(self, std: float):
-        nn.init.ones_(self.norm.weight)
-        nn.init.zeros_(self.norm.bias)
+        if self.norm is not None:
+            nn.init.ones_(self.norm.weight)
+            nn.init.zeros_(self.norm.bias)
         for lin in (self.linear_1, self.linear_2):
             nn.init.trunc_normal_(lin.weight, std=std)
             nn.init.zeros_(lin.bias)
@@ -68,7 +76,7 @@ class LlavaModel(nn.Module):
         self.args = args
         self.vision = VisionTransformer(args.vision)
         self.projector = Projector(args.vision.dim, args.spatial_merge_size, args.projector_hidden_dim,
-                                   args.decoder.dim, args.vision.norm_eps)
+                                   args.decoder.dim, args.vision.norm_eps, args.projector_norm)
         self.decoder = Decoder(args.decoder)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,

@@ -5,7 +5,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from titan_mm.config import ActivationCheckpoint, Compile
 from titan_mm.models.llava.model import LlavaModel
-from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile, apply_fsdp
+from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile, apply_fsdp, fsdp_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims
 
 
@@ -20,5 +20,5 @@ def parallelize_llava(model: LlavaModel, parallel_dims: ParallelDims, mesh: Devi
             apply_compile(blocks)
     if parallel_dims.fsdp_enabled:
         blocks = [b for group in block_groups for b in group.values()]
-        apply_fsdp(blocks, model, mesh, param_dtype)
+        apply_fsdp(blocks, model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
     return model

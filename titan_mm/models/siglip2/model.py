@@ -1,9 +1,10 @@
-"""Native-resolution ViT in the SigLIP2 (naflex) style.
+"""Native-resolution ViT in the SigLIP2 (naflex) style, weight-compatible with HF Siglip2VisionModel.
 
 Input is the fixed-shape N x L patch layout: ``pixels_NLD`` holds each image's flattened patches
 and ``grid_NL3`` each patch's (t, h, w) coordinate, -1 on padding rows. A Linear embeds the pre-cut
-patches; a learned P x P position table is resized bilinearly to each image's own grid; attention
-is bidirectional and restricted to the image's valid patches.
+patches; a learned P x P position table is resized bilinearly (with antialias when shrinking) to
+each image's own grid; attention is bidirectional and restricted to the image's valid patches.
+SigLIP2's attention-pooling head is not built: the VLMs here read the per-patch states.
 """
 
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ class VisionArgs:
     """Antialias when the table is shrunk (what SigLIP2 does); plain bilinear otherwise."""
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    channels_last: bool = False
+    """Patches flattened as (tp, p, p, C), the layout of SigLIP2's processor and checkpoints,
+    instead of (C, tp, p, p)."""
+    apply_post_layernorm: bool = True
+    """Normalise the output with post_layernorm, as Siglip2VisionModel's last_hidden_state. HF LLaVA
+    reads the last layer before it (vision_feature_layer=-1); its weights are kept either way."""
     init_std: float = 0.02
 
     @property
@@ -118,7 +125,7 @@ class VisionTransformer(nn.Module):
         mask = image_patch_mask(valid_NL)
         for layer in self.layers.values():
             h = layer(h, mask)
-        return self.post_layernorm(h)
+        return self.post_layernorm(h) if self.args.apply_post_layernorm else h
 
     @torch.no_grad()
     def init_weights(self):

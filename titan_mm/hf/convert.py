@@ -1,0 +1,83 @@
+"""Offline conversion between HF folders and model-only DCP folders (what scripts/convert_*.py run).
+
+A model-only DCP folder holds ``{"model": state_dict}`` like a run's ``model-step-N`` export, so it
+is a valid ``checkpoint.initial_load_path``. Either way one copy of the weights is held: HF tensors
+are read by DCP straight into the model's parameters.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from titan_mm.hf.io import load_hf_weights, save_hf_weights
+from titan_mm.models import ModelSpec
+from titan_mm.train.checkpoint import ModelState
+
+logger = logging.getLogger(__name__)
+
+METADATA_FIELDS = {"max_position_embeddings", "image_token_id", "init_std"}
+"""Args recorded in config.json that do not change the weights or the forward."""
+
+
+def empty_model(spec: ModelSpec, args) -> torch.nn.Module:
+    """The model in CPU memory, parameters uninitialised: a checkpoint overwrites every one of them
+    (and an 8B init_weights() would take minutes for nothing)."""
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    return model.to_empty(device="cpu")
+
+
+def args_differences(ours, theirs, prefix: str = "") -> list[str]:
+    """'field: ours vs theirs' for every differing (nested) dataclass field, metadata ones left out."""
+    out = []
+    for f in dataclasses.fields(ours):
+        a, b = getattr(ours, f.name), getattr(theirs, f.name)
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b) and type(a) is type(b):
+            out += args_differences(a, b, f"{prefix}{f.name}.")
+        elif a != b and f.name not in METADATA_FIELDS:
+            out.append(f"{prefix}{f.name}: {a!r} vs {b!r}")
+    return out
+
+
+def args_for_hf_folder(spec: ModelSpec, hf_folder: str, flavor: str | None):
+    """The flavor's args, checked against the folder's config.json; or, without a flavor, the
+    args config.json describes."""
+    with open(os.path.join(hf_folder, "config.json")) as f:
+        from_config = spec.hf_adapter.args_from_hf_config(json.load(f))
+    if flavor is None:
+        matches = [name for name, args in spec.flavors.items() if not args_differences(args, from_config)]
+        if matches:
+            logger.info("%s/config.json matches %s flavor %s", hf_folder, spec.name, matches[0])
+        else:
+            logger.warning("%s/config.json matches no %s flavor: add one to FLAVORS with these args to "
+                           "train from the converted weights: %s", hf_folder, spec.name, from_config)
+        return from_config
+    if flavor not in spec.flavors:
+        raise ValueError(f"{flavor!r} is not a flavor of {spec.name}; choose one of {sorted(spec.flavors)}")
+    differences = args_differences(spec.flavors[flavor], from_config)
+    if differences:
+        raise ValueError(f"{spec.name}/{flavor} differs from {hf_folder}/config.json in "
+                         f"{'; '.join(differences)} (flavor vs config); pick the matching flavor or omit "
+                         f"--model.flavor")
+    return spec.flavors[flavor]
+
+
+def hf_to_dcp(spec: ModelSpec, hf_folder: str, out_folder: str, flavor: str | None = None):
+    args = args_for_hf_folder(spec, hf_folder, flavor)
+    model = empty_model(spec, args)
+    load_hf_weights(model, spec.hf_adapter, hf_folder)
+    dcp.save({"model": ModelState(model)}, checkpoint_id=out_folder)
+    return args
+
+
+def dcp_to_hf(spec: ModelSpec, dcp_folder: str, out_folder: str, flavor: str, dtype: torch.dtype | None = None):
+    """Weights of a model-only export or of a full training checkpoint (its model part)."""
+    args = spec.flavors[flavor]
+    spec.hf_adapter.hf_config(args)  # fail before loading when the flavor has no HF layout
+    model = empty_model(spec, args)
+    dcp.load({"model": ModelState(model)}, checkpoint_id=dcp_folder)
+    save_hf_weights(model, spec.hf_adapter, args, out_folder, dtype=dtype)

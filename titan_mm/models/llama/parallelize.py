@@ -1,0 +1,21 @@
+"""How the Llama / Qwen text family is parallelized: activation checkpointing, then compile, then FSDP2."""
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from titan_mm.config import ActivationCheckpoint, Compile
+from titan_mm.models.llama.model import TextModel
+from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile, apply_fsdp, fsdp_mesh
+from titan_mm.parallel.parallel_dims import ParallelDims
+
+
+def parallelize_llama(model: TextModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
+                      compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
+    blocks = model.decoder.layers
+    if ac_cfg.mode == "full":
+        apply_activation_checkpointing(blocks)
+    if compile_cfg.enable:
+        apply_compile(blocks)
+    if parallel_dims.fsdp_enabled:
+        apply_fsdp(list(blocks.values()), model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
+    return model
