@@ -63,7 +63,7 @@ class Trainer:
                               f"choose one of {sorted(spec.flavors)}")
         self.model_args = spec.flavors[cfg.model.flavor]
         self.training_flops = spec.training_flops
-        self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
+        self.tokenizer = Tokenizer(cfg.model.tokenizer_path, spec.special_tokens)
         vocab = self.model_args.decoder.vocab_size
         if self.tokenizer.vocab_size > vocab:
             raise ConfigError(f"tokenizer {cfg.model.tokenizer_path} has {self.tokenizer.vocab_size} "

@@ -411,3 +411,19 @@ def test_debug_model_trains_on_bundled_chats_with_falling_loss(tmp_path):
     losses = [loss.item() for loss in trainer.losses]
     print("losses", [round(x, 3) for x in losses])
     assert sum(losses[-3:]) / 3 < 0.7 * losses[0]
+
+
+def test_an_hf_qwen_tokenizer_folder_works_as_it_is(qwen_folder):
+    """No family overrides: Qwen's media tokens are found by their conventional names, and with no
+    bos token documents start directly with their content."""
+    tok = Tokenizer(str(qwen_folder))
+    assert tok.bos_id is None
+    assert tok.eos_id == tok.token_id("<|im_end|>") and tok.pad_id == tok.token_id("<|endoftext|>")
+    assert (tok.image_start_id, tok.image_id, tok.image_end_id, tok.video_id) == tuple(
+        tok.token_id(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"))
+    from titan_mm.config import Data
+    from titan_mm.data.dataloader import build_document_builder
+    from titan_mm.models.llava import FLAVORS
+    doc = build_document_builder(Data(max_pixels=4096, max_patches_per_image=64), tok,
+                                 FLAVORS["debug"].vision_input).caption("c", "assets/sample_data/images/00000.png", "hi")
+    assert doc.tokens[0] == tok.image_start_id and doc.tokens[-1] == tok.eos_id

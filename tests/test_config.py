@@ -74,3 +74,13 @@ def test_print_config_prints_merged_toml():
     out = subprocess.run([sys.executable, "train.py", "--job.config_file", DEBUG, "--training.steps", "5",
                           "--print-config"], capture_output=True, text=True, check=True)
     assert "[training]\nsteps = 5" in out.stdout
+
+
+@pytest.mark.parametrize("path", sorted(f"train_configs/{f}" for f in __import__("os").listdir("train_configs")))
+def test_every_bundled_config_parses_and_names_a_real_flavor(path):
+    from titan_mm.data.dataloader import check_image_budget
+    from titan_mm.models import get_model_spec
+    cfg, _ = parse_args(["--job.config_file", path])
+    args = get_model_spec(cfg.model.name).flavors[cfg.model.flavor]
+    spec = args.vision_input
+    check_image_budget(cfg.data, spec.patch_size, spec.spatial_merge_size)

@@ -36,9 +36,9 @@ def load_model(cfg: JobConfig, weights: str) -> torch.nn.Module:
     return model.eval()
 
 
-def caption_docs(cfg: JobConfig, model_args, path: str, shift: int) -> list:
+def caption_docs(cfg: JobConfig, tok: Tokenizer, model_args, path: str, shift: int) -> list:
     """Documents of ``path``'s captions, each with the image of the sample ``shift`` places later."""
-    builder = build_document_builder(cfg.data, Tokenizer(cfg.model.tokenizer_path), model_args.vision_input)
+    builder = build_document_builder(cfg.data, tok, model_args.vision_input)
     root = os.path.dirname(os.path.abspath(path))
     with open(path) as f:
         samples = [json.loads(line) for line in f if line.strip()]
@@ -50,8 +50,8 @@ def caption_docs(cfg: JobConfig, model_args, path: str, shift: int) -> list:
 @torch.no_grad()
 def caption_loss(cfg: JobConfig, model: torch.nn.Module, model_args, path: str, shift: int = 0) -> float:
     """Mean loss per caption token over every sample of ``path`` (all packed rows, one pass)."""
-    docs = caption_docs(cfg, model_args, path, shift)
-    tok = Tokenizer(cfg.model.tokenizer_path)
+    tok = Tokenizer(cfg.model.tokenizer_path, get_model_spec(cfg.model.name).special_tokens)
+    docs = caption_docs(cfg, tok, model_args, path, shift)
     spec = model_args.vision_input
     shape = RowShape(cfg.training.seq_len, cfg.data.max_images_per_row, cfg.data.max_patches_per_image,
                      spec.patch_dim, spec.merge_area, tok.pad_id, (tok.image_id,),

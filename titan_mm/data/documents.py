@@ -86,7 +86,8 @@ class DocumentBuilder:
         return self._finish(doc)
 
     def _start(self, ref: str) -> Document:
-        return Document(ref=ref, tokens=[self.tok.bos_id], targets=[False])
+        bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
+        return Document(ref=ref, tokens=bos, targets=[False] * len(bos))
 
     def _finish(self, doc: Document) -> Document:
         doc.tokens.append(self.tok.eos_id)

@@ -7,13 +7,25 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
 
+# tried in order when neither tokenizer_config.json nor the model family names the token
+CONVENTIONAL_NAMES = {
+    "image_start_token": ("<|vision_start|>", "<|image_start|>"),
+    "image_token": ("<|image_pad|>",),
+    "image_end_token": ("<|vision_end|>", "<|image_end|>"),
+    "video_token": ("<|video_pad|>",),
+    "pad_token": ("<|endoftext|>", "<|pad|>"),
+}
+
+
 class Tokenizer:
     """Text <-> ids, plus the ids of the special tokens the data pipeline inserts.
 
     Special tokens are named by keys of tokenizer_config.json (pad_token, eos_token, bos_token,
     image_start_token, image_token, image_end_token, and optionally video_token, the placeholder of
     video frames; ``video_id`` is None without it); ``special_tokens`` fills or overrides them, so a
-    model family can name its own (e.g. Qwen's <|vision_start|>) for an HF checkpoint's tokenizer.
+    model family can name its own. Unnamed media tokens fall back to CONVENTIONAL_NAMES (Qwen's
+    <|vision_start|> <|image_pad|> <|vision_end|> <|video_pad|>), so an HF checkpoint's tokenizer
+    folder works as it is. bos_id is None when the tokenizer has no bos token.
     """
 
     def __init__(self, folder: str, special_tokens: dict[str, str] | None = None):
@@ -25,9 +37,13 @@ class Tokenizer:
         special = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self._add_declared_tokens(special.get("added_tokens_decoder", {}))
         special.update(special_tokens or {})
+        for key, names in CONVENTIONAL_NAMES.items():
+            if special.get(key) is None:
+                special[key] = next((n for n in names if self._tok.token_to_id(n) is not None), None)
         self.pad_id = self._token_id(special, "pad_token")
         self.eos_id = self._token_id(special, "eos_token")
-        self.bos_id = self._token_id(special, "bos_token")
+        # Qwen tokenizers have no bos token: documents then start without one
+        self.bos_id = self._token_id(special, "bos_token") if special.get("bos_token") else None
         self.image_start_id = self._token_id(special, "image_start_token")
         self.image_id = self._token_id(special, "image_token")
         self.image_end_id = self._token_id(special, "image_end_token")
