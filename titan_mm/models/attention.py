@@ -2,7 +2,7 @@
 
 Masks are built from per-token ids computed in the dataloader, with tensor ops only (no host syncs):
 decoders get causal attention restricted to each packed document, vision encoders bidirectional
-attention restricted to each image's own valid patches.
+attention restricted to each image's (or video frame's) own valid patches.
 """
 
 import torch
@@ -20,14 +20,18 @@ def document_causal_mask(document_ids_BS: torch.Tensor) -> torch.Tensor:
     return (same_doc_BSS & causal_SS)[:, None]
 
 
-def image_patch_mask(valid_NL: torch.Tensor) -> torch.Tensor:
-    """[N, 1, L, L] bool: valid patches see every valid patch of their own image.
+def frame_patch_mask(grid_NL3: torch.Tensor) -> torch.Tensor:
+    """[N, 1, L, L] bool: a valid patch sees every valid patch of its own image frame (same t).
 
-    A padding patch sees only itself, so fully padded images stay finite (their outputs are unused).
+    Images have one frame; videos attend frame by frame (as HF's cu_seqlens, one segment per
+    temporal patch). A padding patch sees only itself, so fully padded slots stay finite (their
+    outputs are unused).
     """
-    L = valid_NL.shape[1]
-    eye_LL = torch.eye(L, dtype=torch.bool, device=valid_NL.device)
-    return ((valid_NL[:, :, None] & valid_NL[:, None, :]) | eye_LL)[:, None]
+    t_NL = grid_NL3[..., 0]
+    valid_NL = t_NL >= 0
+    eye_LL = torch.eye(t_NL.shape[1], dtype=torch.bool, device=t_NL.device)
+    same_frame_NLL = (t_NL[:, :, None] == t_NL[:, None, :]) & valid_NL[:, :, None] & valid_NL[:, None, :]
+    return (same_frame_NLL | eye_LL)[:, None]
 
 
 def sdpa(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,

@@ -50,6 +50,15 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
     return emb.cos(), emb.sin()
 
 
+def rope_2d_cos_sin(grid_NL3: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rotary of ViT patches (Qwen-VL): the first half of each head's frequencies rotate by the
+    patch row, the second by its column. cos/sin [N, L, head_dim] in fp32 (rotate-half layout)."""
+    hw_NL2 = grid_NL3[..., 1:].clamp(min=0).float()
+    freqs_NLF = (hw_NL2[..., None] * inv_freq).flatten(-2)  # (h freqs, w freqs)
+    emb = torch.cat([freqs_NLF, freqs_NLF], dim=-1)
+    return emb.cos(), emb.sin()
+
+
 def _mrope_sections(freqs_B3SF: torch.Tensor, section: tuple[int, ...]) -> torch.Tensor:
     """Frequency chunk i (sizes ``section``) takes its angle from axis i (t, h, w)."""
     chunks = freqs_B3SF.split(list(section), dim=-1)

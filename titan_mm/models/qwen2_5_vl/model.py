@@ -16,11 +16,11 @@ from torch import nn
 
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
-from titan_mm.models.attention import sdpa
+from titan_mm.models.attention import frame_patch_mask, sdpa
 from titan_mm.models.llama.model import Decoder, DecoderArgs, RMSNorm
 from titan_mm.models.multimodal import scatter_image_embeddings
 from titan_mm.models.qwen2_5_vl.positions import mrope_position_ids
-from titan_mm.models.rope import apply_rope
+from titan_mm.models.rope import apply_rope, rope_2d_cos_sin
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -79,28 +79,13 @@ class Qwen2_5_VLArgs:
                                position_dims=3)
 
 
-def vision_rope_cos_sin(grid_NL3: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D rotary: the first half of each head's frequencies rotate by the patch row, the second by
-    its column. cos/sin [N, L, head_dim] in fp32."""
-    hw_NL2 = grid_NL3[..., 1:].clamp(min=0).float()
-    freqs_NLF = (hw_NL2[..., None] * inv_freq).flatten(-2)  # (h freqs, w freqs)
-    emb = torch.cat([freqs_NLF, freqs_NLF], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def vision_attention_masks(grid_NL3: torch.Tensor, window_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, 1, L, L] bool masks (whole frame, window): a valid patch sees the valid patches of its own
-    frame (same t), or of its own window of that frame; padding patches see only themselves."""
-    valid_NL = grid_NL3[..., 0] >= 0
-    t_NL, h_NL, w_NL = grid_NL3.unbind(-1)
+def window_patch_mask(frame_mask: torch.Tensor, grid_NL3: torch.Tensor, window_patches: int) -> torch.Tensor:
+    """[N, 1, L, L] bool: frame_patch_mask further restricted to each window of window_patches^2
+    patches (HF reorders patches into windows; a mask over merge-block order is the same math)."""
+    h_NL, w_NL = grid_NL3[..., 1] // window_patches, grid_NL3[..., 2] // window_patches
     eye_LL = torch.eye(grid_NL3.shape[1], dtype=torch.bool, device=grid_NL3.device)
-
-    def same(x_NL: torch.Tensor) -> torch.Tensor:
-        return x_NL[:, :, None] == x_NL[:, None, :]
-
-    frame_NLL = valid_NL[:, :, None] & valid_NL[:, None, :] & same(t_NL)
-    window_NLL = frame_NLL & same(h_NL // window_patches) & same(w_NL // window_patches)
-    return (frame_NLL | eye_LL)[:, None], (window_NLL | eye_LL)[:, None]
+    same_window_NLL = (h_NL[:, :, None] == h_NL[:, None, :]) & (w_NL[:, :, None] == w_NL[:, None, :])
+    return frame_mask & (same_window_NLL | eye_LL)[:, None]
 
 
 class PatchEmbed(nn.Module):
@@ -194,8 +179,9 @@ class VisionTransformer(nn.Module):
     def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor) -> torch.Tensor:
         """pixels [N, L, patch_dim], grid [N, L, 3] -> merged embeddings [N * L / m^2, out_dim]."""
         h = self.patch_embed(pixels_NLD)
-        cos, sin = vision_rope_cos_sin(grid_NL3, self.inv_freq)
-        frame_mask, window_mask = vision_attention_masks(grid_NL3, self.args.window_patches)
+        cos, sin = rope_2d_cos_sin(grid_NL3, self.inv_freq)
+        frame_mask = frame_patch_mask(grid_NL3)
+        window_mask = window_patch_mask(frame_mask, grid_NL3, self.args.window_patches)
         for layer in self.layers.values():
             h = layer(h, cos, sin, frame_mask, window_mask)
         return self.merger(h)

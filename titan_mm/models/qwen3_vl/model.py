@@ -18,12 +18,12 @@ from torch import nn
 
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
-from titan_mm.models.attention import sdpa
+from titan_mm.models.attention import frame_patch_mask, sdpa
 from titan_mm.models.llama.model import Decoder, DecoderArgs
 from titan_mm.models.multimodal import scatter_image_embeddings
 from titan_mm.models.qwen3_vl.positions import mrope_position_ids
 from titan_mm.models.qwen3_vl.video import timestamped_video_tokens
-from titan_mm.models.rope import apply_rope, rope_inv_freq
+from titan_mm.models.rope import apply_rope, rope_2d_cos_sin, rope_inv_freq
 
 
 @dataclass
@@ -76,20 +76,6 @@ class Qwen3VLArgs:
                                video_layout=functools.partial(timestamped_video_tokens,
                                                               merge_area=v.spatial_merge_size ** 2,
                                                               temporal_patch_size=v.temporal_patch_size))
-
-
-def frame_patch_mask(grid_NL3: torch.Tensor) -> torch.Tensor:
-    """[N, 1, L, L] bool: a valid patch sees the valid patches of its own frame (same t).
-
-    Videos attend frame by frame (HF's cu_seqlens has one segment per temporal patch); a padding
-    patch sees only itself so fully padded slots stay finite.
-    """
-    t_NL = grid_NL3[..., 0]
-    valid_NL = t_NL >= 0
-    L = t_NL.shape[1]
-    eye_LL = torch.eye(L, dtype=torch.bool, device=t_NL.device)
-    same_frame = (t_NL[:, :, None] == t_NL[:, None, :]) & valid_NL[:, :, None] & valid_NL[:, None, :]
-    return (same_frame | eye_LL)[:, None]
 
 
 def align_corners_taps(pos_NL: torch.Tensor, size_N: torch.Tensor, side: int):
@@ -212,18 +198,11 @@ class VisionTransformer(nn.Module):
         table = self.pos_embed.weight
         return (table[index_NL4] * weight_NL4[..., None].to(table.dtype)).sum(-2)
 
-    def rotary(self, grid_NL3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [N, L, head_dim]: rotate-half layout of (h freqs, w freqs) twice."""
-        hw_NL2 = grid_NL3[..., 1:].clamp(min=0).float()
-        freqs = (hw_NL2[..., None] * self.inv_freq).flatten(-2)  # N L (2 hd/4)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
-
     def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor):
         """Merged embeddings [N * L / m^2, out_dim] and one such tensor per DeepStack layer."""
         h = self.patch_embed(pixels_NLD)
         h = h + self.position_embeddings(grid_NL3).to(h.dtype)
-        cos, sin = self.rotary(grid_NL3)
+        cos, sin = rope_2d_cos_sin(grid_NL3, self.inv_freq)
         mask = frame_patch_mask(grid_NL3)
         deepstack = []
         for name, layer in self.layers.items():

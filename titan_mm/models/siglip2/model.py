@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan_mm.models.attention import image_patch_mask, sdpa
+from titan_mm.models.attention import frame_patch_mask, sdpa
 
 
 @dataclass
@@ -122,7 +122,7 @@ class VisionTransformer(nn.Module):
         valid_NL = grid_NL3[..., 0] >= 0
         h = self.patch_embed(pixels_NLD.to(self.patch_embed.weight.dtype))
         h = h + self.position_embeddings(grid_NL3).to(h.dtype)
-        mask = image_patch_mask(valid_NL)
+        mask = frame_patch_mask(grid_NL3)
         for layer in self.layers.values():
             h = layer(h, mask)
         return self.post_layernorm(h) if self.args.apply_post_layernorm else h
