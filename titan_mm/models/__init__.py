@@ -21,10 +21,6 @@ class ModelSpec:
     """An titan_mm.hf.adapter.HFAdapter for HF checkpoint conversion, or None."""
     special_tokens: dict = field(default_factory=dict)
     """Tokenizer special-token names this family uses (see data.tokenizer.Tokenizer)."""
-    positions_fn: Callable | None = None
-    """positions_fn(doc, args) -> [P, n] position ids (M-RoPE); None = 0..n-1 per document."""
-    position_dims: int = 1
-    """P, the number of position-id rows positions_fn returns."""
 
 
 def get_model_spec(name: str) -> ModelSpec:
