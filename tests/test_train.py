@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from conftest import make_config, train_losses
-from titan_mm.train.checkpoint import CheckpointManager
 from titan_mm.train.lr_scheduler import lr_multiplier
 from titan_mm.config import LRScheduler
 

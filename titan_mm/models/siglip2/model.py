@@ -119,7 +119,6 @@ class VisionTransformer(nn.Module):
         return w_NLPP.to(self.pos_embed.dtype) @ self.pos_embed
 
     def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor) -> torch.Tensor:
-        valid_NL = grid_NL3[..., 0] >= 0
         h = self.patch_embed(pixels_NLD.to(self.patch_embed.weight.dtype))
         h = h + self.position_embeddings(grid_NL3).to(h.dtype)
         mask = frame_patch_mask(grid_NL3)
