@@ -20,7 +20,8 @@ from titan_mm.data.batch import BatchShape
 from titan_mm.data.dataloader import build_dataloader
 from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.data.tokenizer import Tokenizer
-from titan_mm.models import get_model_spec
+from titan_mm.models import ModelSpec, get_model_spec
+from titan_mm.parallel.common import group_by_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
 from titan_mm.train.checkpoint import CheckpointManager
 from titan_mm.train.lr_scheduler import build_lr_scheduler
@@ -72,7 +73,8 @@ class Trainer:
         p = cfg.parallelism
         self.parallel_dims = ParallelDims(
             dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
-            cp=1, tp=1, pp=1, ulysses=1, world_size=self.world_size)
+            cp=1, tp=p.tensor_parallel_degree, pp=1, ulysses=1, world_size=self.world_size)
+        check_tensor_parallel(self.parallel_dims, spec, self.model_args, cfg)
         mesh = self.parallel_dims.build_mesh(self.device.type)
         dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         # ranks that see different tokens: the loss and its token count are summed over them
@@ -184,14 +186,32 @@ class Trainer:
         return loss.detach()
 
 
+def check_tensor_parallel(dims: ParallelDims, spec: ModelSpec, model_args, cfg: JobConfig):
+    """Every size that tensor parallelism splits must divide by the tp degree (checked before any compute)."""
+    if not dims.tp_enabled:
+        return
+    if spec.tensor_parallel_sizes is None:
+        raise ParallelismError(f"model {spec.name} has no tensor parallelism; set "
+                               f"parallelism.tensor_parallel_degree = 1")
+    for what, size in spec.tensor_parallel_sizes(model_args, cfg).items():
+        dims.check_divisible(what, size, "tp")
+
+
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (across every shard), clipped to max_norm if > 0."""
+    """Global L2 norm of all gradients (across every shard), clipped to max_norm if > 0.
+
+    foreach kernels take one kind of tensor: gradients are grouped by DTensor mesh (plain tensors
+    apart), each group's norm is made whole with full_tensor(), and the group norms combined.
+    """
     params = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    norms = []
+    for group in group_by_mesh(params):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        for group in group_by_mesh(params):
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -42,21 +43,21 @@ def torchrun(nproc: int, dump, *args: str) -> dict[int, float]:
         return {int(k): v for k, v in json.load(f).items()}
 
 
-def seed_checkpoint(tmp_path) -> str:
+def seed_checkpoint(tmp_path, *overrides: str) -> str:
     sys.path.insert(0, "scripts")
     from create_seed_checkpoint import create_seed_checkpoint
     path = str(tmp_path / "seed")
-    create_seed_checkpoint(make_config(tmp_path / "seed_run"), path)
+    create_seed_checkpoint(make_config(tmp_path / "seed_run", *overrides), path)
     return path
 
 
-def single_process_losses(tmp_path, dp_world: int, steps: int, seed: str) -> list[float]:
+def single_process_losses(tmp_path, dp_world: int, steps: int, seed: str, *overrides: str) -> list[float]:
     """One process that trains on what ``dp_world`` data-parallel ranks would see together: each
     step's microbatches are rank 0's batch, rank 1's batch, ... (same global loss normalisation)."""
     import train
     cfg = make_config(tmp_path / "single", *SMALL, "--training.steps", str(steps),
                       "--training.gradient_accumulation_steps", str(dp_world),
-                      "--checkpoint.enable", "true", "--checkpoint.initial_load_path", seed)
+                      "--checkpoint.enable", "true", "--checkpoint.initial_load_path", seed, *overrides)
     trainer = train.Trainer(cfg)
     loaders = [iter(build_dataloader(cfg.data, trainer.tokenizer, trainer.model_args.vision_input,
                                      seq_len=cfg.training.seq_len, batch_size=1, dp_rank=r,
@@ -74,15 +75,41 @@ def single_process_losses(tmp_path, dp_world: int, steps: int, seed: str) -> lis
     return [loss.item() for loss in trainer.losses]
 
 
-@pytest.mark.parametrize("layout", [["--parallelism.data_parallel_shard_degree", "2"]])
-def test_fsdp2_matches_single_process(tmp_path, layout):
+LLAMA = ["--job.config_file", "train_configs/llama_debug.toml"]
+
+
+@pytest.mark.parametrize("nproc,dp_world,model,layout", [
+    (2, 2, [], ["--parallelism.data_parallel_shard_degree", "2"]),
+    (2, 1, [], ["--parallelism.tensor_parallel_degree", "2"]),
+    (4, 2, [], ["--parallelism.data_parallel_shard_degree", "2",
+                "--parallelism.tensor_parallel_degree", "2"]),
+    (2, 1, LLAMA, ["--parallelism.tensor_parallel_degree", "2"]),
+], ids=["fsdp2", "tp2", "fsdp2xtp2", "llama-tp2"])
+def test_parallel_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout):
+    """Same seed checkpoint, same global batches: the per-step losses of ``nproc`` processes match one
+    process that trains on what the ``dp_world`` data-parallel ranks see together."""
     steps = 5
-    seed = seed_checkpoint(tmp_path)
-    reference = single_process_losses(tmp_path, dp_world=2, steps=steps, seed=seed)
-    losses = torchrun(2, tmp_path / "fsdp", "--training.steps", str(steps), "--checkpoint.enable", "true",
-                      "--checkpoint.initial_load_path", seed, "--checkpoint.interval", "1000",
-                      "--checkpoint.export_model_only", "false", *layout)
+    seed = seed_checkpoint(tmp_path, *model)
+    reference = single_process_losses(tmp_path, dp_world, steps, seed, *model)
+    losses = torchrun(nproc, tmp_path / "parallel", *model, "--training.steps", str(steps),
+                      "--checkpoint.enable", "true", "--checkpoint.initial_load_path", seed,
+                      "--checkpoint.interval", "1000", "--checkpoint.export_model_only", "false", *layout)
     got = [losses[s] for s in range(1, steps + 1)]
     rel = max(abs(a - b) / abs(b) for a, b in zip(got, reference))
-    print(f"FSDP(2) vs single process, max relative loss difference over {steps} steps: {rel:.2e}")
+    print(f"{' '.join(model + layout)} vs single process, max relative loss difference over {steps} "
+          f"steps: {rel:.2e}")
     assert rel < 1e-5, list(zip(got, reference))
+
+
+def test_impossible_tensor_parallel_degree_fails_before_compute(tmp_path):
+    """tp=3 cannot split the decoder's 4 heads: every rank exits with code 2 naming the valid degrees."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "train.py",
+           "--job.config_file", "train_configs/debug_vlm.toml", "--job.dump_folder", str(tmp_path / "run"),
+           *SMALL, "--parallelism.tensor_parallel_degree", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode != 0
+    fix = "tp degree 3 does not divide decoder n_heads = 4; choose tp in [1, 2, 4]"
+    assert fix in out.stderr, out.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*2", out.stderr), out.stderr[-3000:]
+    assert "INFO training" not in out.stderr  # failed before the model was built or any step ran

@@ -48,11 +48,16 @@ class Model:
     """Folder holding tokenizer.json and tokenizer_config.json."""
 
 
+DatasetKind = Literal["captions", "interleaved", "chat", "webdataset"]
+
+
 @dataclass
 class Data:
-    dataset: Literal["captions", "interleaved", "chat"] = "captions"
+    dataset: DatasetKind = "captions"
     """Kind of samples in ``path``: image-caption pairs, interleaved text/image documents, or
-    conversations (``{"id", "messages": [...]}``, OpenAI-style; only assistant turns are trained on)."""
+    conversations (``{"id", "messages": [...]}``, OpenAI-style; only assistant turns are trained on),
+    all JSONL; or webdataset = image-caption pairs in .tar shards (``path`` is a glob of shards whose
+    members are KEY.jpg/png/jpeg/webp and KEY.txt or KEY.json with a "caption" or "txt" field)."""
     chat_format: Literal["plain", "chatml", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llama3"] = "plain"
     """dataset = "chat": how conversations are written out (titan_mm/data/chat.py). plain = ChatML
     with the bundled debug tokenizer's <|bos|> and <|eos|>; chatml and qwen3_vl = <|im_start|>role
@@ -63,7 +68,15 @@ class Data:
     video_max_frames: int = 16
     """Chat video files: at most this many sampled frames per video."""
     path: str = "assets/sample_data/captions_train.jsonl"
-    """JSONL file of samples; image paths inside it are relative to its folder."""
+    """JSONL file of samples (image paths inside it are relative to its folder), or for webdataset a
+    glob of .tar shards (several globs: comma-separated)."""
+    mixture_paths: list[str] = field(default_factory=list)
+    """A weighted mixture of sources instead of ``path``: one path (or shard glob) per source. Each
+    sample comes from source i with probability mixture_weights[i] / sum(mixture_weights)."""
+    mixture_weights: list[float] = field(default_factory=list)
+    """Mixture: one weight > 0 per entry of mixture_paths (need not sum to 1)."""
+    mixture_kinds: list[DatasetKind] = field(default_factory=list)
+    """Mixture: the ``dataset`` kind of each entry of mixture_paths; empty = all are ``dataset``."""
     max_images_per_row: int = 8
     """N: image slots per packed row of seq_len tokens; pixel_values is [batch*N, L, D]."""
     max_patches_per_image: int = 256
@@ -168,6 +181,10 @@ class Parallelism:
     """HSDP: replicas of the FSDP-sharded model (gradients all-reduced across them)."""
     data_parallel_shard_degree: int = -1
     """FSDP2 shard degree; -1 = the ranks left over by the other degrees."""
+    tensor_parallel_degree: int = 1
+    """Tensor parallelism with sequence parallelism inside the transformer blocks (ViT and decoder):
+    ranks of a tp group see the same data and split heads, MLP units and the sequence. Must divide
+    the head counts, the MLP widths, training.seq_len and data.max_patches_per_image."""
 
 
 @dataclass
@@ -203,7 +220,7 @@ _POSITIVE = {
     "data.max_images_per_row", "data.max_patches_per_image", "data.min_pixels", "data.max_pixels",
     "data.pack_open_bins", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
     "training.gradient_accumulation_steps", "optimizer.lr", "checkpoint.interval",
-    "metrics.log_freq",
+    "metrics.log_freq", "parallelism.tensor_parallel_degree",
 }
 _NON_NEGATIVE = {
     "data.num_workers", "training.max_norm", "optimizer.weight_decay", "optimizer.eps",
@@ -228,6 +245,7 @@ def _check_values(cfg: JobConfig) -> list[str]:
     if cfg.data.min_pixels > cfg.data.max_pixels:
         errors.append(f"data.min_pixels = {cfg.data.min_pixels} exceeds data.max_pixels = "
                       f"{cfg.data.max_pixels}; lower min_pixels or raise max_pixels")
+    errors += _check_mixture(cfg.data)
     if cfg.checkpoint.initial_load_path and cfg.checkpoint.initial_load_hf_path:
         errors.append("checkpoint.initial_load_path and checkpoint.initial_load_hf_path are both set; "
                       "keep one")
@@ -235,6 +253,20 @@ def _check_values(cfg: JobConfig) -> list[str]:
         errors.append("parallelism.data_parallel_shard_degree must be -1 (all ranks) or >= 1")
     if cfg.parallelism.data_parallel_replicate_degree < 1:
         errors.append("parallelism.data_parallel_replicate_degree must be >= 1")
+    return errors
+
+
+def _check_mixture(data: Data) -> list[str]:
+    n = len(data.mixture_paths)
+    errors = []
+    if len(data.mixture_weights) != n:
+        errors.append(f"data.mixture_weights has {len(data.mixture_weights)} entries but "
+                      f"data.mixture_paths has {n}; give one weight per path")
+    if data.mixture_kinds and len(data.mixture_kinds) != n:
+        errors.append(f"data.mixture_kinds has {len(data.mixture_kinds)} entries but data.mixture_paths "
+                      f"has {n}; give one kind per path or leave it empty")
+    if any(not w > 0 for w in data.mixture_weights):
+        errors.append(f"data.mixture_weights = {data.mixture_weights} must all be > 0")
     return errors
 
 

@@ -1,4 +1,5 @@
-"""The training dataloader: source -> best-fit packer -> batches, as a torchdata StatefulDataLoader.
+"""The training dataloader: source (or weighted mixture of sources) -> best-fit packer -> batches,
+as a torchdata StatefulDataLoader.
 
 Its state (every worker's source position and open packer rows) goes into checkpoints.
 """
@@ -13,8 +14,9 @@ from titan_mm.data.chat import ChatDocumentBuilder
 from titan_mm.data.documents import DocumentBuilder
 from titan_mm.data.image import ImageProcessor, VisionInputSpec
 from titan_mm.data.packing import BestFitPacker, RowShape
-from titan_mm.data.sources import JsonlSource
+from titan_mm.data.sources import JsonlSource, MixtureSource, source_name
 from titan_mm.data.tokenizer import Tokenizer
+from titan_mm.data.webdataset import WebDatasetSource
 
 
 def collate_rows(rows: list[dict], merged_per_image: int) -> dict:
@@ -56,20 +58,40 @@ def check_image_budget(cfg: Data, patch_size: int, merge: int):
                          f"of the merge area {merge * merge}")
 
 
-def build_document_builder(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec) -> DocumentBuilder:
+def build_document_builder(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec,
+                           kind: str | None = None) -> DocumentBuilder:
+    """The builder for samples of ``kind`` (default: data.dataset)."""
     processor = ImageProcessor(spec, cfg.min_pixels, cfg.max_pixels)
-    if cfg.dataset == "chat":
+    if (kind or cfg.dataset) == "chat":
         return ChatDocumentBuilder(tokenizer, processor, cfg.chat_format, spec.positions_fn,
                                    video_fps=cfg.video_fps, video_max_frames=cfg.video_max_frames)
     return DocumentBuilder(tokenizer, processor, spec.positions_fn)
 
 
+def build_source(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, dp_rank: int,
+                 dp_world: int, seed: int):
+    """data.path as one source, or the weighted mixture of data.mixture_paths."""
+    def one(path: str, kind: str):
+        builder = build_document_builder(cfg, tokenizer, spec, kind)
+        if kind == "webdataset":
+            return WebDatasetSource(path, builder, dp_rank=dp_rank, dp_world=dp_world, seed=seed,
+                                    shuffle=cfg.shuffle)
+        return JsonlSource(path, kind, builder, dp_rank=dp_rank, dp_world=dp_world, seed=seed,
+                           shuffle=cfg.shuffle)
+
+    if not cfg.mixture_paths:
+        return one(cfg.path, cfg.dataset)
+    kinds = cfg.mixture_kinds or [cfg.dataset] * len(cfg.mixture_paths)
+    names = [source_name(p) for p in cfg.mixture_paths]
+    names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+    sources = [one(p, k) for p, k in zip(cfg.mixture_paths, kinds)]
+    return MixtureSource(sources, cfg.mixture_weights, names, seed=seed, dp_rank=dp_rank)
+
+
 def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, seq_len: int,
                      batch_size: int, dp_rank: int, dp_world: int, seed: int) -> StatefulDataLoader:
     check_image_budget(cfg, spec.patch_size, spec.spatial_merge_size)
-    builder = build_document_builder(cfg, tokenizer, spec)
-    source = JsonlSource(cfg.path, cfg.dataset, builder, dp_rank=dp_rank, dp_world=dp_world,
-                         seed=seed, shuffle=cfg.shuffle)
+    source = build_source(cfg, tokenizer, spec, dp_rank=dp_rank, dp_world=dp_world, seed=seed)
     merge_area = spec.merge_area
     media_token_ids = tuple(i for i in (tokenizer.image_id, tokenizer.video_id) if i is not None)
     shape = RowShape(seq_len=seq_len, max_images=cfg.max_images_per_row,

@@ -1,7 +1,7 @@
 """Turn raw samples into documents: token ids, which tokens are trained on, and image patches."""
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -62,7 +62,7 @@ class DocumentBuilder:
         self.merge_area = image_processor.merge_size ** 2
         self.positions_fn = positions_fn
 
-    def caption(self, ref: str, image_path: str, caption: str) -> Document:
+    def caption(self, ref: str, image_path: str | BinaryIO, caption: str) -> Document:
         doc = self._start(ref)
         self._add_image(doc, image_path)
         self._add_text(doc, caption, supervised=True)
@@ -101,7 +101,7 @@ class DocumentBuilder:
         doc.tokens += ids
         doc.targets += [supervised] * len(ids)
 
-    def _add_image(self, doc: Document, path: str):
+    def _add_image(self, doc: Document, path: str | BinaryIO):
         try:
             patches, coords = self.image_processor(load_image(path))
         except MediaError as e:

@@ -2,7 +2,7 @@
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,9 @@ class MediaError(Exception):
         self.kind = kind
 
 
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode ``path`` as RGB, raising MediaError(missing_image / corrupt_image)."""
+def load_image(path: str | BinaryIO) -> Image.Image:
+    """Open and fully decode ``path`` (a file name, or a file object such as a tar member's bytes)
+    as RGB, raising MediaError(missing_image / corrupt_image)."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -26,7 +27,8 @@ def load_image(path: str) -> Image.Image:
     except FileNotFoundError:
         raise MediaError("missing_image", f"image not found: {path}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise MediaError("corrupt_image", f"cannot decode image {path}: {e}") from None
+        name = getattr(path, "name", path)  # file objects name their source (tar shard:member)
+        raise MediaError("corrupt_image", f"cannot decode image {name}: {e}") from None
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -1,13 +1,16 @@
 """Sample sources: JSONL files of captions, interleaved documents or conversations, sharded by rank
-and worker.
+and worker; weighted mixtures of sources. (Webdataset .tar shards: titan_mm/data/webdataset.py.)
 
-A source yields ``(index, Document)``; bad samples are skipped and counted in ``stats`` by kind.
-Its position (epoch, offset into this shard's order) is its whole state, so resume is exact.
+A source yields ``(ref, Document)``; ``load(ref)`` rebuilds the document. Bad samples are skipped and
+counted in ``stats`` by kind. Its position (epoch, offset into this shard's order) is its whole
+state, so resume is exact.
 """
 
+import bisect
 import json
 import logging
 import os
+import random
 from collections import Counter
 
 import torch
@@ -126,3 +129,74 @@ class ListSource:
 
     def load_state_dict(self, state: dict):
         pass
+
+
+class MixtureSource:
+    """Draws each sample from one of ``sources`` with probability proportional to its weight.
+
+    The draws come from a seeded generator keyed by (seed, dp rank, worker, draw number), so the
+    number of draws is the generator's whole state: with every sub-source's position, it makes
+    resume exact. ``stats`` counts each source's samples and tokens under ``samples/NAME`` and
+    ``tokens/NAME``, next to the sub-sources' skip counts.
+    """
+
+    def __init__(self, sources: list, weights: list[float], names: list[str], *, seed: int = 0,
+                 dp_rank: int = 0):
+        if not len(sources) == len(weights) == len(names) or not sources:
+            raise ValueError(f"a mixture needs one weight and name per source, got {len(sources)} "
+                             f"sources, {len(weights)} weights, {len(names)} names")
+        if any(not w > 0 for w in weights):
+            raise ValueError(f"mixture weights must be > 0, got {weights}")
+        total = sum(weights)
+        self.cumulative = [sum(weights[:i + 1]) / total for i in range(len(weights))]
+        self.sources, self.names = sources, names
+        self.seed, self.dp_rank = seed, dp_rank
+        self.draws = 0
+        self.stats: Counter = Counter()
+
+    def _draw(self) -> int:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        # a str seed is hashed with sha512: the same on every run and platform
+        u = random.Random(f"{self.seed}/{self.dp_rank}/{worker}/{self.draws}").random()
+        return min(bisect.bisect_right(self.cumulative, u), len(self.sources) - 1)
+
+    def __iter__(self):
+        streams = [iter(s) for s in self.sources]
+        while True:
+            i = self._draw()
+            try:
+                ref, doc = next(streams[i])
+            except StopIteration:  # a finite sub-source ran out: so does the mixture
+                self._collect_skips()
+                return
+            self.draws += 1
+            self._collect_skips()
+            self.stats[f"samples/{self.names[i]}"] += 1
+            self.stats[f"tokens/{self.names[i]}"] += len(doc.tokens)
+            yield (i, ref), doc
+
+    def _collect_skips(self):
+        """Move the sub-sources' skip counts here, where the packer reports them."""
+        for sub in self.sources:
+            self.stats.update(sub.stats)
+            sub.stats.clear()
+
+    def load(self, ref) -> Document | None:
+        i, sub_ref = ref
+        return self.sources[i].load(sub_ref)
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "stats": dict(self.stats),
+                "sources": [s.state_dict() for s in self.sources]}
+
+    def load_state_dict(self, state: dict):
+        self.draws, self.stats = state["draws"], Counter(state["stats"])
+        for s, sub in zip(self.sources, state["sources"]):
+            s.load_state_dict(sub)
+
+
+def source_name(path: str) -> str:
+    """A short name for a source in logs: its file or folder name without extension or globs."""
+    parts = [p for p in path.replace("\\", "/").split("/") if p and not any(c in p for c in "*?[")]
+    return os.path.splitext(parts[-1])[0] if parts else "source"

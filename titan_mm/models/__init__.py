@@ -21,6 +21,9 @@ class ModelSpec:
     """An titan_mm.hf.adapter.HFAdapter for HF checkpoint conversion, or None."""
     special_tokens: dict = field(default_factory=dict)
     """Tokenizer special-token names this family uses (see data.tokenizer.Tokenizer)."""
+    tensor_parallel_sizes: Callable | None = None
+    """tensor_parallel_sizes(args, job_config) -> {name: size} of everything tensor parallelism
+    splits (each must divide by the tp degree); None = the family has no tensor parallelism."""
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
@@ -17,6 +18,15 @@ def apply_compile(blocks: nn.ModuleDict):
     """torch.compile each block: one graph per block, reused by every layer of the same shape."""
     for block in blocks.values():
         block.compile(fullgraph=True)
+
+
+def group_by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Parameters split by DTensor mesh, plain tensors apart: foreach kernels (optimizer, gradient
+    clipping) reject lists that mix them, as tensor-parallel blocks beside replicated layers do."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+    return list(groups.values())
 
 
 def fsdp_mesh(mesh: DeviceMesh, dp_replicate: int) -> DeviceMesh:

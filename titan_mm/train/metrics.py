@@ -75,8 +75,10 @@ class MetricsLogger:
         mem = peak_memory_gib(self.device)
         eta = (self.total_steps - step) * elapsed / max(1, self.window_steps)
         pad = self.window_data.get("pad_tokens", 0) / max(1, row_slots * self.window_steps)
+        # "samples/NAME" and "tokens/NAME": per-source counts of a mixture, for TensorBoard only
+        per_source = {k: v for k, v in data_totals.items() if "/" in k}
         skipped = {k: v for k, v in data_totals.items()
-                   if k not in ("pad_tokens", "rows", "documents")}
+                   if k not in ("pad_tokens", "rows", "documents") and k not in per_source}
         parts = [f"step {step:>5}/{self.total_steps}", f"loss {loss:7.4f}", f"grad_norm {grad_norm:7.3f}",
                  f"lr {lr:.2e}", f"tok/s {tps:,.0f}", "mfu " + (f"{100 * mfu:.1f}%" if mfu else "-"),
                  f"mem {mem:.2f}GiB", f"pad {100 * pad:.1f}%",
@@ -92,6 +94,8 @@ class MetricsLogger:
                 self.writer.add_scalar(f"train/{k}", v, step)
             for k, v in skipped.items():
                 self.writer.add_scalar(f"data/skipped_{k}", v, step)
+            for k, v in per_source.items():
+                self.writer.add_scalar(f"data/{k}", v, step)
             self.writer.flush()
         self._reset_window()
 

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from titan_mm.config import Optimizer as OptimizerConfig
+from titan_mm.parallel.common import group_by_mesh
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
@@ -13,10 +14,11 @@ def _decays(name: str, param: nn.Parameter) -> bool:
 
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module, device_type: str) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in params if _decays(n, p)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in params if not _decays(n, p)], "weight_decay": 0.0},
-    ]
+    # one group per DTensor mesh as well: foreach / fused kernels reject lists that mix meshes or
+    # DTensors with plain tensors (tensor-parallel blocks beside replicated layers)
+    groups = [{"params": same_mesh, "weight_decay": cfg.weight_decay if decays else 0.0}
+              for decays in (True, False)
+              for same_mesh in group_by_mesh([p for n, p in params if _decays(n, p) == decays])]
     impl = cfg.implementation
     if impl == "auto":
         impl = "fused" if device_type == "cuda" else "foreach"

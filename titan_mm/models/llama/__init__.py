@@ -3,7 +3,7 @@
 from titan_mm.models import ModelSpec
 from titan_mm.models.llama.hf_adapter import LlamaAdapter
 from titan_mm.models.llama.model import DecoderArgs, TextArgs, TextModel, training_flops
-from titan_mm.models.llama.parallelize import parallelize_llama
+from titan_mm.models.llama.parallelize import parallelize_llama, tensor_parallel_sizes
 from titan_mm.models.rope import Llama3RopeScaling
 
 
@@ -39,4 +39,5 @@ FLAVORS = {
 }
 
 SPEC = ModelSpec(name="llama", flavors=FLAVORS, model_cls=TextModel, parallelize=parallelize_llama,
-                 training_flops=training_flops, hf_adapter=LlamaAdapter())
+                 training_flops=training_flops, hf_adapter=LlamaAdapter(),
+                 tensor_parallel_sizes=tensor_parallel_sizes)

@@ -1,17 +1,23 @@
-"""How the LLaVA family is parallelized: activation checkpointing, then compile, then FSDP2."""
+"""How the LLaVA family is parallelized: tensor parallelism, then activation checkpointing, then compile,
+then FSDP2."""
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan_mm.config import ActivationCheckpoint, Compile
+from titan_mm.models.llama.parallelize import tensor_parallel_sizes as decoder_tensor_parallel_sizes
 from titan_mm.models.llava.model import LlavaModel
 from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile, apply_fsdp, fsdp_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims
+from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_vision
 
 
 def parallelize_llava(model: LlavaModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
                       compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
     block_groups = (model.vision.layers, model.decoder.layers)
+    if parallel_dims.tp_enabled:
+        apply_tp_vision(model.vision.layers, mesh["tp"])
+        apply_tp_decoder(model.decoder.layers, mesh["tp"], model.args.decoder.qk_norm)
     if ac_cfg.mode == "full":
         for blocks in block_groups:
             apply_activation_checkpointing(blocks)
@@ -22,3 +28,10 @@ def parallelize_llava(model: LlavaModel, parallel_dims: ParallelDims, mesh: Devi
         blocks = [b for group in block_groups for b in group.values()]
         apply_fsdp(blocks, model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
     return model
+
+
+def tensor_parallel_sizes(args, cfg) -> dict[str, int]:
+    """The decoder's, plus the ViT's heads, MLP units and patch slots (its sequence)."""
+    return {**decoder_tensor_parallel_sizes(args, cfg), "vision n_heads": args.vision.n_heads,
+            "vision ffn_hidden_dim": args.vision.ffn_hidden_dim,
+            "data.max_patches_per_image": cfg.data.max_patches_per_image}

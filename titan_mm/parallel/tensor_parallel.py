@@ -1,0 +1,70 @@
+"""Tensor parallelism with sequence parallelism for transformer blocks (torch.distributed.tensor.parallel).
+
+Inside a block the residual stream is split along the sequence over the tp ranks: the norms run on
+their sequence slice (SequenceParallel), attention and MLP all-gather it, split the heads / hidden
+units (colwise in-projections), and reduce-scatter back to sequence slices (rowwise out-projection).
+Between blocks the stream is whole on every tp rank, so embeddings, the projector, image scattering,
+DeepStack additions and the output head stay single-device code with replicated weights (identical
+inputs give identical gradients, so they need no reduction). The loss is not tensor-parallel.
+"""
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+
+
+def apply_tp_decoder(blocks: nn.ModuleDict, tp_mesh: DeviceMesh, qk_norm: bool):
+    """Llama / Qwen decoder blocks: forward(h, cos, sin, mask)."""
+    plan = {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None)),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w3": ColwiseParallel(),
+    }
+    if qk_norm:
+        # q/k norms act on this rank's heads (dim 2 of [B, S, heads, head_dim]); their replicated
+        # weights get the sum of every rank's head-slice gradients
+        plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    for block in blocks.values():
+        _parallelize_block(block, tp_mesh, plan, n_extra_inputs=3)
+
+
+def apply_tp_vision(blocks: nn.ModuleDict, tp_mesh: DeviceMesh):
+    """SigLIP2 ViT blocks: forward(x_NLD, mask); the sequence is the patch axis L."""
+    plan = {
+        "layer_norm1": SequenceParallel(),
+        "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None),
+                                        desired_input_layouts=(Replicate(), None)),
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.out_proj": RowwiseParallel(output_layouts=Shard(1)),
+        "layer_norm2": SequenceParallel(),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "mlp.fc1": ColwiseParallel(),
+        "mlp.fc2": RowwiseParallel(output_layouts=Shard(1)),
+    }
+    for block in blocks.values():
+        _parallelize_block(block, tp_mesh, plan, n_extra_inputs=1)
+
+
+def _parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, plan: dict, n_extra_inputs: int):
+    parallelize_module(block, tp_mesh, plan)
+    extra = (None,) * n_extra_inputs
+    # the stream enters whole and leaves whole: cut it to this rank's sequence slice on the way in
+    # (no communication), gather it on the way out
+    parallelize_module(block, tp_mesh, PrepareModuleInput(
+        input_layouts=(Replicate(), *extra), desired_input_layouts=(Shard(1), *extra), use_local_output=True))
+    parallelize_module(block, tp_mesh, PrepareModuleOutput(
+        output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
