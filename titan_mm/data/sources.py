@@ -23,6 +23,13 @@ logger = logging.getLogger(__name__)
 MAX_SKIP_WARNINGS = 20
 
 
+def count_skip(stats: Counter, error: SampleError):
+    """Count a skipped sample under its reason; log the first few."""
+    stats[error.kind] += 1
+    if sum(stats.values()) <= MAX_SKIP_WARNINGS:
+        logger.warning("skipping sample (%s): %s", error.kind, error)
+
+
 class JsonlSource:
     def __init__(self, path: str, kind: str, builder: DocumentBuilder, *, dp_rank: int = 0,
                  dp_world: int = 1, seed: int = 0, shuffle: bool = True, epochs: int | None = None):
@@ -78,9 +85,7 @@ class JsonlSource:
             return self._build(ref, self.lines[index])
         except SampleError as e:
             if count_skips:
-                self.stats[e.kind] += 1
-                if sum(self.stats.values()) <= MAX_SKIP_WARNINGS:
-                    logger.warning("skipping sample (%s): %s", e.kind, e)
+                count_skip(self.stats, e)
             return None
 
     def _build(self, ref: str, line: str) -> Document:

@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import get_worker_info
 
 from titan_mm.data.documents import Document, DocumentBuilder, SampleError
+from titan_mm.data.sources import count_skip
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-MAX_SKIP_WARNINGS = 20
 
 
 @dataclass
@@ -141,9 +141,7 @@ class WebDatasetSource:
                 return self._build(ref, f, sample)
         except SampleError as e:
             if count_skips:
-                self.stats[e.kind] += 1
-                if sum(self.stats.values()) <= MAX_SKIP_WARNINGS:
-                    logger.warning("skipping sample (%s): %s", e.kind, e)
+                count_skip(self.stats, e)
             return None
 
     def _build(self, ref: str, f, sample: TarSample) -> Document:
