@@ -113,3 +113,31 @@ def test_impossible_tensor_parallel_degree_fails_before_compute(tmp_path):
     assert fix in out.stderr, out.stderr[-3000:]
     assert re.search(r"exitcode\s*:\s*2", out.stderr), out.stderr[-3000:]
     assert "INFO training" not in out.stderr  # failed before the model was built or any step ran
+
+
+def test_checkpoint_saved_under_fsdp4_resumes_under_hsdp_2x2(tmp_path):
+    """Save at step 3 under FSDP(4), resume under HSDP (2 replicas x 2 shards): DCP reshards model
+    and optimizer; the data-parallel degree (4) is unchanged, so the batches continue exactly and
+    steps 4-5 match the uninterrupted FSDP(4) run."""
+    seed = seed_checkpoint(tmp_path)
+    common = ["--training.steps", "5", "--checkpoint.enable", "true", "--checkpoint.initial_load_path", seed,
+              "--checkpoint.interval", "3", "--checkpoint.export_model_only", "false"]
+    straight = torchrun(4, tmp_path / "straight", *common)
+    torchrun(4, tmp_path / "resharded", *common, "--training.steps", "3")
+    resumed = torchrun(4, tmp_path / "resharded", *common, "--parallelism.data_parallel_replicate_degree", "2",
+                       "--parallelism.data_parallel_shard_degree", "2")
+    assert sorted(resumed) == [4, 5]
+    rel = max(abs(resumed[s] - straight[s]) / abs(straight[s]) for s in (4, 5))
+    print(f"FSDP(4) -> HSDP(2x2) resume, max relative loss difference at steps 4-5: {rel:.2e}")
+    assert rel < 1e-5, (resumed, straight)
+
+
+def test_hsdp_with_one_shard_per_replica_matches_fsdp(tmp_path):
+    """HSDP(2 x 1) sums gradients over both replicas: same losses as FSDP(2)."""
+    seed = seed_checkpoint(tmp_path)
+    common = ["--training.steps", "3", "--checkpoint.enable", "true", "--checkpoint.initial_load_path", seed,
+              "--checkpoint.interval", "30", "--checkpoint.export_model_only", "false"]
+    fsdp = torchrun(2, tmp_path / "fsdp", *common)
+    hsdp = torchrun(2, tmp_path / "hsdp", *common, "--parallelism.data_parallel_replicate_degree", "2",
+                    "--parallelism.data_parallel_shard_degree", "1")
+    assert hsdp == pytest.approx(fsdp, rel=1e-6)

@@ -9,9 +9,7 @@ are trained on: their content and the token that ends the turn, not the role hea
 """
 
 import bisect
-import copy
 import itertools
-import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -19,10 +17,10 @@ from typing import Callable
 
 import torch
 
-from titan_mm.data.documents import Document, DocumentBuilder, Image, SampleError
-from titan_mm.data.image import ImageProcessor, MediaError
+from titan_mm.data.documents import Document, DocumentBuilder, SampleError
+from titan_mm.data.image import ImageProcessor
 from titan_mm.data.tokenizer import Tokenizer
-from titan_mm.data.video import load_video
+from titan_mm.data.video import load_video, video_frame_processor  # noqa: F401 (re-exported)
 
 ROLES = ("system", "user", "assistant")
 
@@ -160,17 +158,6 @@ def _strip_ends(content: list[Text | Media]) -> list[Text | Media]:
     return content
 
 
-def video_frame_processor(image_processor: ImageProcessor, max_frames: int) -> ImageProcessor:
-    """``image_processor`` with its pixel budget shared by a video's temporal patches, so that a
-    video of ``max_frames`` frames fits the patch slots of one image."""
-    processor = copy.copy(image_processor)
-    temporal_patches = math.ceil(max_frames / image_processor.temporal_patch_size)
-    factor = image_processor.patch_size * image_processor.merge_size
-    processor.max_pixels = max(factor ** 2, image_processor.max_pixels // temporal_patches)
-    processor.min_pixels = min(image_processor.min_pixels, processor.max_pixels)
-    return processor
-
-
 class ChatDocumentBuilder(DocumentBuilder):
     """Builds documents from conversations written in one chat format; images and videos become
     ``<image_start> <placeholder> * n <image_end>`` as in DocumentBuilder."""
@@ -178,10 +165,9 @@ class ChatDocumentBuilder(DocumentBuilder):
     def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, chat_format: str,
                  positions_fn: Callable[[Document], torch.Tensor] | None = None, *,
                  video_fps: float = 2.0, video_max_frames: int = 16):
-        super().__init__(tokenizer, image_processor, positions_fn)
+        super().__init__(tokenizer, image_processor, positions_fn, video_fps=video_fps,
+                         video_max_frames=video_max_frames)
         self.format = get_chat_format(chat_format, tokenizer)
-        self.video_fps, self.video_max_frames = video_fps, video_max_frames
-        self.video_processor = video_frame_processor(image_processor, video_max_frames)
 
     def chat(self, ref: str, messages, media_root: str) -> Document:
         doc = Document(ref=ref)
@@ -210,13 +196,5 @@ class ChatDocumentBuilder(DocumentBuilder):
         doc.targets += [texts[bisect.bisect_right(ends, start)].trained for start in starts]
 
     def _add_video_file(self, doc: Document, path: str):
-        if self.tok.video_id is None:
-            raise SampleError("unsupported", f"{doc.ref}: a video, but the tokenizer defines no video_token")
-        try:
-            frames, seconds_per_frame = load_video(path, self.video_fps, self.video_max_frames)
-            patches, coords = self.video_processor.video(frames)
-        except MediaError as e:
-            raise SampleError(e.kind, f"{doc.ref}: {e}") from None
-        seconds = seconds_per_frame * self.image_processor.temporal_patch_size
-        video = Image(patches, coords, is_video=True, seconds_per_temporal_patch=seconds)
-        self._add_media(doc, video, self.tok.video_id)
+        # chat.load_video, looked up here so that tests can stub decoding
+        self._add_decoded_video(doc, path, load_video)

@@ -65,7 +65,8 @@ def build_document_builder(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpe
     if (kind or cfg.dataset) == "chat":
         return ChatDocumentBuilder(tokenizer, processor, cfg.chat_format, spec.positions_fn,
                                    video_fps=cfg.video_fps, video_max_frames=cfg.video_max_frames)
-    return DocumentBuilder(tokenizer, processor, spec.positions_fn)
+    return DocumentBuilder(tokenizer, processor, spec.positions_fn, video_fps=cfg.video_fps,
+                           video_max_frames=cfg.video_max_frames)
 
 
 def build_source(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, dp_rank: int,

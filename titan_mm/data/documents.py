@@ -7,6 +7,7 @@ import torch
 
 from titan_mm.data.image import ImageProcessor, MediaError, load_image, to_uint8
 from titan_mm.data.tokenizer import Tokenizer
+from titan_mm.data.video import load_video, video_frame_processor
 
 
 class SampleError(Exception):
@@ -53,14 +54,18 @@ class Document:
 class DocumentBuilder:
     """Builds documents ``<bos> ... <eos>`` where every image becomes
     ``<image_start> <image_pad> * n <image_end>`` with n = its merged patch count (videos use
-    ``<video_pad>``). ``positions_fn(doc)``, when given, sets each document's position ids."""
+    ``<video_pad>``). ``positions_fn(doc)``, when given, sets each document's position ids.
+    Video files are sampled at ``video_fps`` frames a second, at most ``video_max_frames``."""
 
     def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor,
-                 positions_fn: Callable[[Document], torch.Tensor] | None = None):
+                 positions_fn: Callable[[Document], torch.Tensor] | None = None, *,
+                 video_fps: float = 2.0, video_max_frames: int = 16):
         self.tok = tokenizer
         self.image_processor = image_processor
         self.merge_area = image_processor.merge_size ** 2
         self.positions_fn = positions_fn
+        self.video_fps, self.video_max_frames = video_fps, video_max_frames
+        self.video_processor = video_frame_processor(image_processor, video_max_frames)
 
     def caption(self, ref: str, image_path: str | BinaryIO, caption: str) -> Document:
         doc = self._start(ref)
@@ -78,9 +83,12 @@ class DocumentBuilder:
                 self._add_image(doc, f"{image_root}/{part['image']}")
             elif kind == "video" and _is_frame_list(part.get("video")) and _is_positive(part.get("fps")):
                 self._add_video(doc, [f"{image_root}/{f}" for f in part["video"]], part["fps"])
+            elif kind == "video" and isinstance(part.get("video"), str):
+                self._add_video_file(doc, f"{image_root}/{part['video']}")
             else:
                 raise SampleError("malformed", f"{ref}: content part {part!r} is not text, image or "
-                                               f"video (a list of frame files and their fps)")
+                                               f"video (a video file, or a list of frame files and "
+                                               f"their fps)")
         if not any(doc.targets):
             raise SampleError("empty", f"{ref}: no text to train on")
         return self._finish(doc)
@@ -123,6 +131,23 @@ class DocumentBuilder:
         seconds = self.image_processor.temporal_patch_size / fps
         self._add_media(doc, Image(patches, coords, is_video=True, seconds_per_temporal_patch=seconds),
                         self.tok.video_id)
+
+    def _add_video_file(self, doc: Document, path: str):
+        self._add_decoded_video(doc, path, load_video)
+
+    def _add_decoded_video(self, doc: Document, path: str, decode: Callable):
+        """A video file, sampled and decoded here (in the loader worker) by
+        ``decode(path, fps, max_frames) -> (frames [T, 3, H, W], seconds between frames)``."""
+        if self.tok.video_id is None:
+            raise SampleError("unsupported", f"{doc.ref}: a video, but the tokenizer defines no video_token")
+        try:
+            frames, seconds_per_frame = decode(path, self.video_fps, self.video_max_frames)
+            patches, coords = self.video_processor.video(frames)
+        except MediaError as e:
+            raise SampleError(e.kind, f"{doc.ref}: {e}") from None
+        seconds = seconds_per_frame * self.image_processor.temporal_patch_size
+        video = Image(patches, coords, is_video=True, seconds_per_temporal_patch=seconds)
+        self._add_media(doc, video, self.tok.video_id)
 
     def _add_media(self, doc: Document, media: Image, placeholder_id: int):
         layout = self.image_processor.video_layout if media.is_video else None

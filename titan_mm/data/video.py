@@ -1,11 +1,13 @@
 """Video files -> frames sampled uniformly in time, decoded with torchcodec (the optional extra
 ``video``: ``pip install 'titan_mm[video]'``, which also needs FFmpeg's libraries)."""
 
+import copy
+import math
 import os
 
 import torch
 
-from titan_mm.data.image import MediaError
+from titan_mm.data.image import ImageProcessor, MediaError
 
 
 def sample_frame_indices(num_frames: int, native_fps: float, fps: float, max_frames: int) -> list[int]:
@@ -18,8 +20,27 @@ def sample_frame_indices(num_frames: int, native_fps: float, fps: float, max_fra
     return [round(i * (num_frames - 1) / (n - 1)) for i in range(n)]
 
 
+def pad_to_temporal_patches(indices: list[int]) -> list[int]:
+    """``indices`` with the last repeated up to an even count of at least 2: temporal patches take
+    frames in pairs, so a lone last frame is paired with itself (as Qwen2-VL's processor does)."""
+    n = max(2, len(indices) + len(indices) % 2)
+    return indices + indices[-1:] * (n - len(indices))
+
+
+def video_frame_processor(image_processor: ImageProcessor, max_frames: int) -> ImageProcessor:
+    """``image_processor`` with its pixel budget shared by a video's temporal patches, so that a
+    video of ``max_frames`` frames fits the patch slots of one image."""
+    processor = copy.copy(image_processor)
+    temporal_patches = math.ceil(max_frames / image_processor.temporal_patch_size)
+    factor = image_processor.patch_size * image_processor.merge_size
+    processor.max_pixels = max(factor ** 2, image_processor.max_pixels // temporal_patches)
+    processor.min_pixels = min(image_processor.min_pixels, processor.max_pixels)
+    return processor
+
+
 def load_video(path: str, fps: float, max_frames: int) -> tuple[torch.Tensor, float]:
-    """Sampled frames, uint8 [T, 3, H, W], and the seconds between two consecutive ones.
+    """Sampled frames, uint8 [T, 3, H, W] with T even and >= 2 (see pad_to_temporal_patches), and
+    the seconds between two consecutive sampled frames. Only the sampled frames are decoded.
 
     Raises MediaError: video_unsupported (torchcodec cannot be loaded), missing_video, corrupt_video.
     """
@@ -36,8 +57,8 @@ def load_video(path: str, fps: float, max_frames: int) -> tuple[torch.Tensor, fl
         if not native_fps:
             raise MediaError("corrupt_video", f"video {path} has no frame rate")
         indices = sample_frame_indices(len(decoder), native_fps, fps, max_frames)
-        frames = decoder.get_frames_at(indices).data
-    except (RuntimeError, ValueError) as e:
+        frames = decoder.get_frames_at(pad_to_temporal_patches(indices)).data
+    except (RuntimeError, ValueError, IndexError) as e:
         raise MediaError("corrupt_video", f"cannot decode video {path}: {e}") from None
     step = (indices[-1] - indices[0]) / (len(indices) - 1) if len(indices) > 1 else 1
     return frames, step / native_fps

@@ -51,7 +51,8 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp_shard * self.cp * self.ulysses > 1
+        """FSDP2 wraps the model: parameters are sharded, replicated (HSDP), or both."""
+        return self.dp_replicate * self.dp_shard * self.cp * self.ulysses > 1
 
     @property
     def tp_enabled(self) -> bool:
