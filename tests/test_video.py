@@ -14,7 +14,6 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from titan_mm.config import Data
-from titan_mm.data.chat import ChatDocumentBuilder
 from titan_mm.data.dataloader import build_dataloader
 from titan_mm.data.documents import DocumentBuilder
 from titan_mm.data.image import ImageProcessor

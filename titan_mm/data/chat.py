@@ -20,7 +20,7 @@ import torch
 from titan_mm.data.documents import Document, DocumentBuilder, SampleError
 from titan_mm.data.image import ImageProcessor
 from titan_mm.data.tokenizer import Tokenizer
-from titan_mm.data.video import load_video, video_frame_processor  # noqa: F401 (re-exported)
+from titan_mm.data.video import load_video
 
 ROLES = ("system", "user", "assistant")
 
