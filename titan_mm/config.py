@@ -64,9 +64,9 @@ class Data:
     ... <|im_end|>; qwen2_vl and qwen2_5_vl = the same plus the default system prompt "You are a
     helpful assistant."; llama3 = Llama 3 headers and <|eot_id|>."""
     video_fps: float = 2.0
-    """Chat video files: frames sampled per second of video (uniformly)."""
+    """Video files (chat and interleaved): frames sampled per second of video (uniformly)."""
     video_max_frames: int = 16
-    """Chat video files: at most this many sampled frames per video."""
+    """Video files: at most this many sampled frames per video (at least 2, padded to an even count)."""
     path: str = "assets/sample_data/captions_train.jsonl"
     """JSONL file of samples (image paths inside it are relative to its folder), or for webdataset a
     glob of .tar shards (several globs: comma-separated)."""
