@@ -5,6 +5,7 @@ checkpointer -> loop. Launch with run_train.sh (torchrun) or plain ``python trai
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +23,9 @@ from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.parallel.common import group_by_mesh
+from titan_mm.models.attention import resolve_backend
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
+from titan_mm.parallel.sequence import SequenceParallel, check_sequence_parallel, shard_batch
 from titan_mm.train.checkpoint import CheckpointManager
 from titan_mm.train.lr_scheduler import build_lr_scheduler
 from titan_mm.train.metrics import MetricsLogger, device_peak_tflops
@@ -31,7 +34,7 @@ from titan_mm.train.optimizer import build_optimizer
 logger = logging.getLogger("titan_mm")
 
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "pixel_values", "grid_thw",
-                "image_token_index")
+                "image_token_index", "document_lengths", "frame_lengths")
 
 
 class TrainState:
@@ -73,13 +76,23 @@ class Trainer:
         p = cfg.parallelism
         self.parallel_dims = ParallelDims(
             dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
-            cp=1, tp=p.tensor_parallel_degree, pp=1, ulysses=1, world_size=self.world_size)
+            cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=1, ulysses=p.ulysses_degree,
+            world_size=self.world_size)
         check_tensor_parallel(self.parallel_dims, spec, self.model_args, cfg)
+        backend = resolve_backend(cfg.model.attention_backend, self.device.type, self.parallel_dims.cp_enabled)
+        check_sequence_parallel(self.parallel_dims, self.model_args.decoder, cfg.training.seq_len,
+                                cfg.training.local_batch_size * cfg.data.max_images_per_row, backend)
+        self.model_args = with_attention_backend(self.model_args, backend)
         mesh = self.parallel_dims.build_mesh(self.device.type)
         dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         # ranks that see different tokens: the loss and its token count are summed over them
         self.loss_group = mesh["loss"].get_group() if mesh is not None else None
         self.dp_group = mesh["dp"].get_group() if mesh is not None else None
+        # ranks of a CP / Ulysses group read the same rows and keep their share of each
+        self.sequence_parallel = None
+        if self.parallel_dims.cp_enabled or self.parallel_dims.ulysses_enabled:
+            mode = "cp" if self.parallel_dims.cp_enabled else "ulysses"
+            self.sequence_parallel = SequenceParallel(mode, mesh[mode])
 
         with torch.device("meta"):
             model = spec.model_cls(self.model_args)
@@ -145,8 +158,12 @@ class Trainer:
         cfg = self.cfg.training
         microbatches = [next(data_iter) for _ in range(cfg.gradient_accumulation_steps)]
         shapes = [BatchShape.of(mb) for mb in microbatches]
+        sp_degree = 1
+        if self.sequence_parallel is not None:
+            sp_degree = self.sequence_parallel.degree
+            microbatches = [shard_batch(mb, self.sequence_parallel) for mb in microbatches]
         # loss = sum of token losses / valid label tokens of the whole global batch
-        num_labels = torch.tensor(float(sum(s.label_tokens for s in shapes)), device=self.device)
+        num_labels = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches).float().to(self.device)
         if self.loss_group is not None:
             dist.all_reduce(num_labels, group=self.loss_group)
         loss = torch.zeros((), device=self.device)
@@ -162,8 +179,10 @@ class Trainer:
         for mb in microbatches:
             for k, v in mb["stats"].items():
                 data_stats[k] = data_stats.get(k, 0) + v
-        flops = sum(self.training_flops(self.model_args, s) for s in shapes)
-        self.metrics.record_step(tokens=sum(s.tokens for s in shapes), flops=flops, data_stats=data_stats)
+        # this rank's share: a sequence-parallel group splits each row's tokens and images
+        flops = sum(self.training_flops(self.model_args, s) for s in shapes) / sp_degree
+        self.metrics.record_step(tokens=sum(s.tokens for s in shapes) // sp_degree, flops=flops,
+                                 data_stats=data_stats)
         if self.loss_group is not None:
             dist.all_reduce(loss, group=self.loss_group)  # a collective, not a host sync
         self.losses.append(loss)
@@ -195,6 +214,14 @@ def check_tensor_parallel(dims: ParallelDims, spec: ModelSpec, model_args, cfg: 
                                f"parallelism.tensor_parallel_degree = 1")
     for what, size in spec.tensor_parallel_sizes(model_args, cfg).items():
         dims.check_divisible(what, size, "tp")
+
+
+def with_attention_backend(model_args, backend: str):
+    """The family's args with ``backend`` in every sub-model that has an attention_backend."""
+    changes = {name: dataclasses.replace(sub, attention_backend=backend)
+               for name, sub in vars(model_args).items()
+               if dataclasses.is_dataclass(sub) and hasattr(sub, "attention_backend")}
+    return dataclasses.replace(model_args, **changes)
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:

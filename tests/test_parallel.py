@@ -76,6 +76,8 @@ def single_process_losses(tmp_path, dp_world: int, steps: int, seed: str, *overr
 
 
 LLAMA = ["--job.config_file", "train_configs/llama_debug.toml"]
+QWEN3_VL = ["--job.config_file", "train_configs/qwen3_vl_debug.toml"]
+QWEN2_5_VL = ["--job.config_file", "train_configs/qwen2_5_vl_debug.toml"]
 
 
 @pytest.mark.parametrize("nproc,dp_world,model,layout", [
@@ -84,7 +86,15 @@ LLAMA = ["--job.config_file", "train_configs/llama_debug.toml"]
     (4, 2, [], ["--parallelism.data_parallel_shard_degree", "2",
                 "--parallelism.tensor_parallel_degree", "2"]),
     (2, 1, LLAMA, ["--parallelism.tensor_parallel_degree", "2"]),
-], ids=["fsdp2", "tp2", "fsdp2xtp2", "llama-tp2"])
+    (2, 1, [], ["--parallelism.context_parallel_degree", "2"]),
+    (2, 1, [], ["--parallelism.ulysses_degree", "2"]),
+    (4, 2, [], ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree", "2"]),
+    (4, 1, [], ["--parallelism.context_parallel_degree", "2", "--parallelism.tensor_parallel_degree", "2"]),
+    (4, 2, [], ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.ulysses_degree", "2"]),
+    (2, 1, QWEN3_VL, ["--parallelism.context_parallel_degree", "2"]),
+    (2, 1, QWEN2_5_VL, ["--parallelism.ulysses_degree", "2"]),
+], ids=["fsdp2", "tp2", "fsdp2xtp2", "llama-tp2", "cp2", "ulysses2", "fsdp2xcp2", "cp2xtp2",
+        "fsdp2xulysses2", "qwen3_vl-cp2", "qwen2_5_vl-ulysses2"])
 def test_parallel_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout):
     """Same seed checkpoint, same global batches: the per-step losses of ``nproc`` processes match one
     process that trains on what the ``dp_world`` data-parallel ranks see together."""

@@ -46,6 +46,11 @@ class Model:
     """Size preset of the family (see the family's FLAVORS dict)."""
     tokenizer_path: str = "assets/tokenizer"
     """Folder holding tokenizer.json and tokenizer_config.json."""
+    attention_backend: Literal["auto", "sdpa", "flex", "varlen"] = "auto"
+    """Attention kernel of the ViT and the decoder (docs/performance.md): varlen = flash attention
+    over the packed segments (CUDA; flash-attn's kernel when installed, else PyTorch's), flex =
+    FlexAttention with block-sparse document / per-image masks, sdpa = dense boolean masks (any
+    device). auto = varlen on CUDA (flex under context parallelism), sdpa on CPU."""
 
 
 DatasetKind = Literal["captions", "interleaved", "chat", "webdataset"]
@@ -185,6 +190,15 @@ class Parallelism:
     """Tensor parallelism with sequence parallelism inside the transformer blocks (ViT and decoder):
     ranks of a tp group see the same data and split heads, MLP units and the sequence. Must divide
     the head counts, the MLP widths, training.seq_len and data.max_patches_per_image."""
+    context_parallel_degree: int = 1
+    """Context parallelism for the decoder: each row is cut into 2 x cp chunks, rank r of the group
+    keeps chunks r and 2cp-1-r (balanced causal work); attention all-gathers keys and values.
+    training.seq_len must divide by 2 x cp. The ViT's image slots are split over the group."""
+    ulysses_degree: int = 1
+    """Ulysses sequence parallelism for the decoder: each row is cut into u contiguous chunks;
+    attention swaps the sequence split for a head split (all-to-all). Heads and KV heads (per tp
+    rank) must divide by u. The ViT's image slots are split over the group. One of
+    context_parallel_degree and ulysses_degree may be > 1."""
 
 
 @dataclass

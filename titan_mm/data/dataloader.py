@@ -29,8 +29,18 @@ def collate_rows(rows: list[dict], merged_per_image: int) -> dict:
     offsets = torch.arange(len(rows))[:, None] * n_images * merged_per_image
     idx = batch["image_token_index"]
     batch["image_token_index"] = torch.where(idx >= 0, idx + offsets, idx)
+    # segment lengths for the varlen attention backend: documents of each row, frames of each slot
+    batch["document_lengths"] = run_lengths(batch["document_ids"])
+    batch["frame_lengths"] = run_lengths(batch["grid_thw"][..., 0])
     batch["stats"] = dict(sum((Counter(r["stats"]) for r in rows), Counter()))
     return batch
+
+
+def run_lengths(ids_RS: torch.Tensor) -> torch.Tensor:
+    """[R, K] int32: the lengths of the runs of equal ids along each row, zero-padded to the
+    longest list (padding is a run of its own)."""
+    runs = [torch.unique_consecutive(row, return_counts=True)[1] for row in ids_RS]
+    return torch.nn.utils.rnn.pad_sequence(runs, batch_first=True).to(torch.int32)
 
 
 class Collator:

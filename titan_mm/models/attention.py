@@ -1,41 +1,184 @@
-"""Attention masks and the attention call shared by every model.
+"""Attention shared by every model: who attends to whom, and the kernel that computes it.
 
-Masks are built from per-token ids computed in the dataloader, with tensor ops only (no host syncs):
-decoders get causal attention restricted to each packed document, vision encoders bidirectional
-attention restricted to each image's (or video frame's) own valid patches.
+Every attention in titan_mm is *segment* attention over rows of tokens: a token sees the tokens of
+its own segment (a packed document in the decoder, causally; one frame of one image in a vision
+encoder, bidirectionally; one window of it in Qwen2.5-VL's window layers). Segments are given per
+token as ids computed in the dataloader, so masks are built with tensor ops only (no host syncs).
+Padding forms its own segment, so padded positions stay finite and never leak into real ones.
+
+A model builds one ``AttentionMask`` per forward with ``segment_mask`` and hands it to every layer,
+which calls ``attend``. The backend decides the kernel:
+
+- ``sdpa``: a dense boolean mask [B, 1, Sq, Sk] and F.scaled_dot_product_attention. Works
+  everywhere; the reference. Its memory grows with S^2.
+- ``flex``: FlexAttention with a block mask: blocks that no query of a block can see are skipped,
+  so packed documents, per-image masks and padding cost little. Compiled (the block's own compile,
+  or a compiled call when the block runs eagerly on a GPU).
+- ``varlen``: variable-length flash attention over the flattened rows (torch.nn.attention.varlen,
+  or flash-attn's ``flash_attn_varlen_func`` when installed). Segment lengths come from the
+  dataloader (``document_lengths`` / ``frame_lengths``), so no work is spent on masked pairs. CUDA
+  only; segments must be contiguous (Qwen2.5-VL's window layers fall back to ``sdpa``).
+
+Sequence parallelism is applied here too, when the parallelize function hands the model a
+``SequenceParallel``: Ulysses swaps a sequence split for a head split around the kernel
+(all-to-all), context parallelism all-gathers keys and values (their gradients reduce-scattered)
+and masks with each token's position in the whole row.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from titan_mm.parallel.sequence import SequenceParallel
 
-def document_causal_mask(document_ids_BS: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S] bool: query i sees key j iff j <= i and both belong to the same document.
+try:  # the flash-attn package, when installed, is the fastest varlen kernel on Hopper
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
 
-    Padding tokens share one id, so they only see padding and never leak into documents.
+BACKENDS = ("sdpa", "flex", "varlen")
+
+
+def resolve_backend(name: str, device_type: str, context_parallel: bool) -> str:
+    """``auto``: varlen on CUDA (flex under context parallelism, whose queries and keys are
+    different token sets), sdpa on CPU."""
+    if name != "auto":
+        return name
+    if device_type != "cuda":
+        return "sdpa"
+    return "flex" if context_parallel else "varlen"
+
+
+@dataclass
+class AttentionMask:
+    """What every layer of one forward needs to attend; built once by ``segment_mask``."""
+
+    backend: str
+    dense: torch.Tensor | None = None
+    """sdpa: [B, 1, Sq, Sk] bool, True where the query sees the key."""
+    block_mask: object = None
+    """flex: a torch.nn.attention.flex_attention.BlockMask."""
+    cu_seqlens: torch.Tensor | None = None
+    """varlen: int32 [K + 1] offsets of the K segments of the flattened rows."""
+    max_seqlen: int = 0
+    """varlen: an upper bound of the segment length (the row length: a constant, so compiled
+    graphs never see a new value)."""
+    causal: bool = False
+    sp: SequenceParallel | None = None
+
+
+def segment_mask(segment_ids_BS: torch.Tensor, *, causal: bool, backend: str,
+                 segment_lengths_BK: torch.Tensor | None = None,
+                 sp: SequenceParallel | None = None) -> AttentionMask:
+    """The mask of ``attend`` for rows whose tokens carry segment ids (this rank's slice of the
+    row under sequence parallelism).
+
+    segment_lengths_BK: the varlen backend's input, each row's segment lengths in order (padding
+    included, zero-padded to a common K); it always describes whole rows.
     """
-    S = document_ids_BS.shape[1]
-    same_doc_BSS = document_ids_BS[:, :, None] == document_ids_BS[:, None, :]
-    causal_SS = torch.ones(S, S, dtype=torch.bool, device=document_ids_BS.device).tril()
-    return (same_doc_BSS & causal_SS)[:, None]
+    mask = AttentionMask(backend=backend, causal=causal, sp=sp)
+    if backend == "varlen":
+        if segment_lengths_BK is None:
+            raise ValueError("the varlen attention backend needs segment lengths from the dataloader")
+        if sp is not None and sp.mode == "cp":
+            raise ValueError("context parallelism needs the sdpa or flex attention backend")
+        lengths = segment_lengths_BK.flatten()
+        mask.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        # the number of segments changes from batch to batch: tell compile up front
+        torch._dynamo.mark_dynamic(mask.cu_seqlens, 0)
+        mask.max_seqlen = segment_ids_BS.shape[1] * (sp.degree if sp is not None else 1)
+        return mask
+
+    q_ids, kv_ids = segment_ids_BS, segment_ids_BS
+    q_pos = kv_pos = torch.arange(segment_ids_BS.shape[1], device=segment_ids_BS.device)
+    if sp is not None:
+        # ids (and positions in the whole row) of the tokens the kernel sees
+        kv_ids = sp.gather_sequence(segment_ids_BS)
+        kv_pos = sp.row_positions(segment_ids_BS.shape[1], segment_ids_BS.device, gathered=True)
+        if sp.mode == "ulysses":  # queries are the whole row too
+            q_ids, q_pos = kv_ids, kv_pos
+        else:
+            q_pos = sp.row_positions(segment_ids_BS.shape[1], segment_ids_BS.device, gathered=False)
+
+    if backend == "sdpa":
+        visible = q_ids[:, :, None] == kv_ids[:, None, :]
+        if causal:
+            visible = visible & (kv_pos[None, :] <= q_pos[:, None])
+        mask.dense = visible[:, None]
+    elif backend == "flex":
+        mask.block_mask = _flex_block_mask(q_ids, kv_ids, q_pos, kv_pos, causal)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    return mask
 
 
-def frame_patch_mask(grid_NL3: torch.Tensor) -> torch.Tensor:
-    """[N, 1, L, L] bool: a valid patch sees every valid patch of its own image frame (same t).
+def _flex_block_mask(q_ids, kv_ids, q_pos, kv_pos, causal: bool):
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    Images have one frame; videos attend frame by frame (as HF's cu_seqlens, one segment per
-    temporal patch). A padding patch sees only itself, so fully padded slots stay finite (their
-    outputs are unused).
-    """
-    t_NL = grid_NL3[..., 0]
-    valid_NL = t_NL >= 0
-    eye_LL = torch.eye(t_NL.shape[1], dtype=torch.bool, device=t_NL.device)
-    same_frame_NLL = (t_NL[:, :, None] == t_NL[:, None, :]) & valid_NL[:, :, None] & valid_NL[:, None, :]
-    return (same_frame_NLL | eye_LL)[:, None]
+    def same_segment(b, h, q, kv):
+        visible = q_ids[b, q] == kv_ids[b, kv]
+        if causal:
+            visible = visible & (kv_pos[kv] <= q_pos[q])
+        return visible
+
+    B, Sq, Sk = q_ids.shape[0], q_ids.shape[1], kv_ids.shape[1]
+    return create_block_mask(same_segment, B, None, Sq, Sk, device=q_ids.device)
 
 
-def sdpa(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
-         mask: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention; k/v may have fewer heads than q (grouped-query attention)."""
-    enable_gqa = k_BHSD.shape[1] != q_BHSD.shape[1]
-    return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask, enable_gqa=enable_gqa)
+def attend(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor,
+           mask: AttentionMask) -> torch.Tensor:
+    """Attention over [B, S, heads, head_dim] tensors; k/v may have fewer heads than q (grouped
+    queries). Returns [B, S, heads, head_dim]."""
+    sp = mask.sp
+    if sp is not None and sp.mode == "ulysses":
+        # this rank's slice of the row with all heads -> the whole row with a slice of the heads
+        q_BSHD, k_BSHD, v_BSHD = (sp.sequence_to_heads(t) for t in (q_BSHD, k_BSHD, v_BSHD))
+    elif sp is not None:  # context parallel: every rank's keys and values
+        k_BSHD, v_BSHD = sp.gather_sequence(k_BSHD), sp.gather_sequence(v_BSHD)
+
+    out_BSHD = _kernel(q_BSHD, k_BSHD, v_BSHD, mask)
+
+    if sp is not None and sp.mode == "ulysses":
+        out_BSHD = sp.heads_to_sequence(out_BSHD)
+    return out_BSHD
+
+
+def _kernel(q_BSHD, k_BSHD, v_BSHD, mask: AttentionMask) -> torch.Tensor:
+    gqa = k_BSHD.shape[2] != q_BSHD.shape[2]
+    if mask.backend == "varlen":
+        B, S, H, D = q_BSHD.shape
+        q, k, v = (t.reshape(B * S, t.shape[2], D) for t in (q_BSHD, k_BSHD, v_BSHD))
+        if flash_attn_varlen_func is not None:
+            out = flash_attn_varlen_func(q, k, v, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen,
+                                         mask.max_seqlen, causal=mask.causal)
+        else:
+            from torch.nn.attention.varlen import varlen_attn
+            if gqa:  # varlen_attn of torch 2.11 takes equal head counts
+                k = k.repeat_interleave(H // k.shape[1], dim=1)
+                v = v.repeat_interleave(H // v.shape[1], dim=1)
+            out = varlen_attn(q, k, v, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
+                              window_size=(-1, 0) if mask.causal else (-1, -1))
+        return out.view(B, S, H, D)
+
+    q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
+    if mask.backend == "flex":
+        out = _flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, **kwargs):
+    """flex_attention, compiled: inside a compiled block it is traced as it is; an eager block on
+    a GPU calls a compiled copy (eager FlexAttention materialises the scores). Eager on CPU."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+    if torch.compiler.is_compiling() or not q.is_cuda:
+        return flex_attention(q, k, v, **kwargs)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(q, k, v, **kwargs)

@@ -13,8 +13,9 @@ from torch import nn
 
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
-from titan_mm.models.attention import document_causal_mask, sdpa
+from titan_mm.models.attention import attend, segment_mask
 from titan_mm.models.rope import Llama3RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq
+from titan_mm.parallel.sequence import SequenceParallel
 
 
 @dataclass
@@ -40,6 +41,9 @@ class DecoderArgs:
     mrope_interleaved: bool = False
     """M-RoPE layout: interleaved t, h, w frequencies (Qwen3-VL) instead of contiguous sections."""
     init_std: float = 0.02
+    attention_backend: str = "sdpa"
+    """Attention kernel: sdpa, flex or varlen (titan_mm/models/attention.py); set from
+    model.attention_backend by the trainer."""
 
 
 class RMSNorm(nn.Module):
@@ -77,8 +81,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+        return self.wo(attend(q, k, v, mask).reshape(B, S, -1))
 
     def init_weights(self, std: float, out_std: float):
         for lin in (self.wq, self.wk, self.wv):
@@ -148,17 +151,23 @@ class Decoder(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, scaling=args.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.sequence_parallel: SequenceParallel | None = None
+        """Set by parallelize under context parallelism or Ulysses: rows arrive split along the
+        sequence and attention exchanges what it needs (titan_mm/parallel/sequence.py)."""
 
     def forward(self, h_BSD: torch.Tensor, position_ids: torch.Tensor, document_ids_BS: torch.Tensor,
-                layer_additions: list[torch.Tensor] | None = None) -> torch.Tensor:
+                layer_additions: list[torch.Tensor] | None = None,
+                document_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """h_BSD: input embeddings (or token ids [B, S] when this stage has tok_embeddings).
         position_ids: [B, S], or [B, 3, S] with M-RoPE. layer_additions[i] ([B, S, D]) is added to
-        the output of layer i (DeepStack visual features)."""
+        the output of layer i (DeepStack visual features). document_lengths [B, K]: each row's
+        document (and padding) lengths, for the varlen attention backend."""
         if self.tok_embeddings is not None and not h_BSD.is_floating_point():
             h_BSD = self.tok_embeddings(h_BSD)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.mrope_section,
                                 self.args.mrope_interleaved)
-        mask = document_causal_mask(document_ids_BS)
+        mask = segment_mask(document_ids_BS, causal=True, backend=self.args.attention_backend,
+                            segment_lengths_BK=document_lengths, sp=self.sequence_parallel)
         for i, layer in enumerate(self.layers.values()):
             h_BSD = layer(h_BSD, cos, sin, mask)
             if layer_additions is not None and i < len(layer_additions):
@@ -206,9 +215,10 @@ class TextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
-                image_token_index: torch.Tensor | None = None) -> torch.Tensor:
+                image_token_index: torch.Tensor | None = None, document_lengths: torch.Tensor | None = None,
+                frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/position_ids/document_ids [B, S]. Returns logits [B, S, V]."""
-        return self.decoder(input_ids, position_ids, document_ids)
+        return self.decoder(input_ids, position_ids, document_ids, document_lengths=document_lengths)
 
     def init_weights(self):
         self.decoder.init_weights()

@@ -8,11 +8,13 @@ from titan_mm.config import ActivationCheckpoint, Compile
 from titan_mm.models.llama.model import TextModel
 from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile, apply_fsdp, fsdp_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims
+from titan_mm.parallel.sequence import apply_sequence_parallel
 from titan_mm.parallel.tensor_parallel import apply_tp_decoder
 
 
 def parallelize_llama(model: TextModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
                       compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
+    apply_sequence_parallel(model.decoder, mesh, parallel_dims)
     blocks = model.decoder.layers
     if parallel_dims.tp_enabled:
         apply_tp_decoder(blocks, mesh["tp"], model.args.decoder.qk_norm)

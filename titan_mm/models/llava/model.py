@@ -16,6 +16,7 @@ from titan_mm.data.image import VisionInputSpec
 from titan_mm.models.llama.model import Decoder, DecoderArgs
 from titan_mm.models.multimodal import scatter_image_embeddings
 from titan_mm.models.siglip2.model import VisionArgs, VisionTransformer
+from titan_mm.parallel.sequence import encode_images_split
 
 
 @dataclass
@@ -80,14 +81,21 @@ class LlavaModel(nn.Module):
         self.decoder = Decoder(args.decoder)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
-                pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                image_token_index: torch.Tensor) -> torch.Tensor:
+                pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_token_index: torch.Tensor,
+                document_lengths: torch.Tensor | None = None,
+                frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/position_ids/document_ids/image_token_index [B, S]; pixel_values [N, L, D];
-        grid_thw [N, L, 3]. Returns logits [B, S, V]."""
+        grid_thw [N, L, 3]; document_lengths [B, K] and frame_lengths [N, F] for the varlen
+        attention backend. Returns logits [B, S, V]."""
         h_BSD = self.decoder.tok_embeddings(input_ids)
-        image_embeds_MD = self.projector(self.vision(pixel_values, grid_thw))
+        image_embeds_MD = encode_images_split(self.encode_images, pixel_values, grid_thw, frame_lengths,
+                                              self.decoder.sequence_parallel)
         h_BSD = scatter_image_embeddings(h_BSD, image_embeds_MD, image_token_index)
-        return self.decoder(h_BSD, position_ids, document_ids)
+        return self.decoder(h_BSD, position_ids, document_ids, document_lengths=document_lengths)
+
+    def encode_images(self, pixel_values_NLD, grid_NL3, frame_lengths_NF=None) -> torch.Tensor:
+        """Merged image embeddings [N * L / m^2, decoder dim], image-slot major."""
+        return self.projector(self.vision(pixel_values_NLD, grid_NL3, frame_lengths_NF))
 
     def init_weights(self):
         self.vision.init_weights()

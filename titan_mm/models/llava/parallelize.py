@@ -1,4 +1,4 @@
-"""How the LLaVA family is parallelized: tensor parallelism, then activation checkpointing, then compile,
+"""How the LLaVA family is parallelized: sequence parallelism (CP or Ulysses), tensor parallelism, then activation checkpointing, then compile,
 then FSDP2."""
 
 import torch
@@ -9,11 +9,13 @@ from titan_mm.models.llama.parallelize import tensor_parallel_sizes as decoder_t
 from titan_mm.models.llava.model import LlavaModel
 from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile, apply_fsdp, fsdp_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims
+from titan_mm.parallel.sequence import apply_sequence_parallel
 from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_vision
 
 
 def parallelize_llava(model: LlavaModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
                       compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
+    apply_sequence_parallel(model.decoder, mesh, parallel_dims)
     block_groups = (model.vision.layers, model.decoder.layers)
     if parallel_dims.tp_enabled:
         apply_tp_vision(model.vision.layers, mesh["tp"])

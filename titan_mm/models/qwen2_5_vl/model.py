@@ -16,11 +16,12 @@ from torch import nn
 
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
-from titan_mm.models.attention import frame_patch_mask, sdpa
+from titan_mm.models.attention import attend, segment_mask
 from titan_mm.models.llama.model import Decoder, DecoderArgs, RMSNorm
 from titan_mm.models.multimodal import scatter_image_embeddings
 from titan_mm.models.qwen2_5_vl.positions import mrope_position_ids
 from titan_mm.models.rope import apply_rope, rope_2d_cos_sin
+from titan_mm.parallel.sequence import encode_images_split
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,6 +48,8 @@ class VisionArgs:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     init_std: float = 0.02
+    attention_backend: str = "sdpa"
+    """Attention kernel (titan_mm/models/attention.py); set from model.attention_backend."""
 
     @property
     def head_dim(self) -> int:
@@ -79,13 +82,14 @@ class Qwen2_5_VLArgs:
                                position_dims=3)
 
 
-def window_patch_mask(frame_mask: torch.Tensor, grid_NL3: torch.Tensor, window_patches: int) -> torch.Tensor:
-    """[N, 1, L, L] bool: frame_patch_mask further restricted to each window of window_patches^2
-    patches (HF reorders patches into windows; a mask over merge-block order is the same math)."""
-    h_NL, w_NL = grid_NL3[..., 1] // window_patches, grid_NL3[..., 2] // window_patches
-    eye_LL = torch.eye(grid_NL3.shape[1], dtype=torch.bool, device=grid_NL3.device)
-    same_window_NLL = (h_NL[:, :, None] == h_NL[:, None, :]) & (w_NL[:, :, None] == w_NL[:, None, :])
-    return frame_mask & (same_window_NLL | eye_LL)[:, None]
+def window_segment_ids(grid_NL3: torch.Tensor, window_patches: int) -> torch.Tensor:
+    """[N, L]: one id per (frame, window of window_patches^2 patches); -1 for padding. HF reorders
+    patches into windows; segments over merge-block order are the same math."""
+    t_NL, h_NL, w_NL = grid_NL3.unbind(-1)
+    windows_per_row = 1 + w_NL.amax() // window_patches
+    window_NL = (h_NL // window_patches) * windows_per_row + w_NL // window_patches
+    frames_windows = (1 + h_NL.amax() // window_patches) * windows_per_row
+    return torch.where(t_NL >= 0, t_NL * frames_windows + window_NL, -1)
 
 
 class PatchEmbed(nn.Module):
@@ -112,8 +116,7 @@ class VisionAttention(nn.Module):
         N, L, _ = x_NLD.shape
         q, k, v = self.qkv(x_NLD).view(N, L, 3, -1, self.head_dim).unbind(2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        return self.proj(out.transpose(1, 2).reshape(N, L, -1))
+        return self.proj(attend(q, k, v, mask).reshape(N, L, -1))
 
 
 class VisionMLP(nn.Module):
@@ -176,12 +179,18 @@ class VisionTransformer(nn.Module):
         half = self.args.head_dim // 2
         return 1.0 / self.args.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half)
 
-    def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor) -> torch.Tensor:
-        """pixels [N, L, patch_dim], grid [N, L, 3] -> merged embeddings [N * L / m^2, out_dim]."""
+    def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor,
+                frame_lengths_NF: torch.Tensor | None = None) -> torch.Tensor:
+        """pixels [N, L, patch_dim], grid [N, L, 3] -> merged embeddings [N * L / m^2, out_dim].
+        frame_lengths_NF: each slot's frame (and padding) lengths, for the varlen backend."""
         h = self.patch_embed(pixels_NLD)
         cos, sin = rope_2d_cos_sin(grid_NL3, self.inv_freq)
-        frame_mask = frame_patch_mask(grid_NL3)
-        window_mask = window_patch_mask(frame_mask, grid_NL3, self.args.window_patches)
+        backend = self.args.attention_backend
+        frame_mask = segment_mask(grid_NL3[..., 0], causal=False, backend=backend,
+                                  segment_lengths_BK=frame_lengths_NF)
+        # windows are not contiguous in merge-block order, which varlen needs: dense masks there
+        window_mask = segment_mask(window_segment_ids(grid_NL3, self.args.window_patches), causal=False,
+                                   backend="sdpa" if backend == "varlen" else backend)
         for layer in self.layers.values():
             h = layer(h, cos, sin, frame_mask, window_mask)
         return self.merger(h)
@@ -207,14 +216,17 @@ class Qwen2_5_VLModel(nn.Module):
         self.decoder = Decoder(args.decoder)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
-                pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                image_token_index: torch.Tensor) -> torch.Tensor:
+                pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_token_index: torch.Tensor,
+                document_lengths: torch.Tensor | None = None,
+                frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/document_ids/image_token_index [B, S]; position_ids [B, 3, S] (M-RoPE);
-        pixel_values [N, L, D]; grid_thw [N, L, 3]. Returns logits [B, S, V]."""
+        pixel_values [N, L, D]; grid_thw [N, L, 3]; document_lengths [B, K] and frame_lengths
+        [N, F] for the varlen attention backend. Returns logits [B, S, V]."""
         h_BSD = self.decoder.tok_embeddings(input_ids)
-        image_embeds_MD = self.vision(pixel_values, grid_thw)
+        image_embeds_MD = encode_images_split(self.vision, pixel_values, grid_thw, frame_lengths,
+                                              self.decoder.sequence_parallel)
         h_BSD = scatter_image_embeddings(h_BSD, image_embeds_MD, image_token_index)
-        return self.decoder(h_BSD, position_ids, document_ids)
+        return self.decoder(h_BSD, position_ids, document_ids, document_lengths=document_lengths)
 
     def init_weights(self):
         self.vision.init_weights()

@@ -18,12 +18,13 @@ from torch import nn
 
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
-from titan_mm.models.attention import frame_patch_mask, sdpa
+from titan_mm.models.attention import attend, segment_mask
 from titan_mm.models.llama.model import Decoder, DecoderArgs
 from titan_mm.models.multimodal import scatter_image_embeddings
 from titan_mm.models.qwen3_vl.positions import mrope_position_ids
 from titan_mm.models.qwen3_vl.video import timestamped_video_tokens
 from titan_mm.models.rope import apply_rope, rope_2d_cos_sin, rope_inv_freq
+from titan_mm.parallel.sequence import encode_images_split
 
 
 @dataclass
@@ -45,6 +46,8 @@ class VisionArgs:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     init_std: float = 0.02
+    attention_backend: str = "sdpa"
+    """Attention kernel (titan_mm/models/attention.py); set from model.attention_backend."""
 
     @property
     def patch_dim(self) -> int:
@@ -119,8 +122,7 @@ class VisionAttention(nn.Module):
         N, L, _ = x_NLD.shape
         q, k, v = self.qkv(x_NLD).view(N, L, 3, -1, self.head_dim).unbind(2)  # each N L H hd
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        return self.proj(out.transpose(1, 2).reshape(N, L, -1))
+        return self.proj(attend(q, k, v, mask).reshape(N, L, -1))
 
 
 class VisionMLP(nn.Module):
@@ -198,12 +200,16 @@ class VisionTransformer(nn.Module):
         table = self.pos_embed.weight
         return (table[index_NL4] * weight_NL4[..., None].to(table.dtype)).sum(-2)
 
-    def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor):
-        """Merged embeddings [N * L / m^2, out_dim] and one such tensor per DeepStack layer."""
+    def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor,
+                frame_lengths_NF: torch.Tensor | None = None):
+        """Merged embeddings [N * L / m^2, out_dim] and one such tensor per DeepStack layer.
+        frame_lengths_NF: each slot's frame (and padding) lengths, for the varlen backend."""
         h = self.patch_embed(pixels_NLD)
         h = h + self.position_embeddings(grid_NL3).to(h.dtype)
         cos, sin = rope_2d_cos_sin(grid_NL3, self.inv_freq)
-        mask = frame_patch_mask(grid_NL3)
+        # each frame of each image attends to itself; padding patches form one more segment
+        mask = segment_mask(grid_NL3[..., 0], causal=False, backend=self.args.attention_backend,
+                            segment_lengths_BK=frame_lengths_NF)
         deepstack = []
         for name, layer in self.layers.items():
             h = layer(h, cos, sin, mask)
@@ -236,17 +242,20 @@ class Qwen3VLModel(nn.Module):
         self.decoder = Decoder(args.decoder)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
-                pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                image_token_index: torch.Tensor) -> torch.Tensor:
+                pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_token_index: torch.Tensor,
+                document_lengths: torch.Tensor | None = None,
+                frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/document_ids/image_token_index [B, S]; position_ids [B, 3, S];
-        pixel_values [N, L, D]; grid_thw [N, L, 3]. Returns logits [B, S, V]."""
+        pixel_values [N, L, D]; grid_thw [N, L, 3]; document_lengths [B, K] and frame_lengths
+        [N, F] for the varlen attention backend. Returns logits [B, S, V]."""
         h_BSD = self.decoder.tok_embeddings(input_ids)
-        embeds_MD, deepstack_MD = self.vision(pixel_values, grid_thw)
+        embeds_MD, deepstack_MD = encode_images_split(self.vision, pixel_values, grid_thw, frame_lengths,
+                                                      self.decoder.sequence_parallel)
         h_BSD = scatter_image_embeddings(h_BSD, embeds_MD, image_token_index)
         # DeepStack: each feature is added at the visual tokens only, zero elsewhere
         zeros_BSD = torch.zeros_like(h_BSD)
         additions = [scatter_image_embeddings(zeros_BSD, f, image_token_index) for f in deepstack_MD]
-        return self.decoder(h_BSD, position_ids, document_ids, additions)
+        return self.decoder(h_BSD, position_ids, document_ids, additions, document_lengths)
 
     def init_weights(self):
         self.vision.init_weights()

@@ -7,10 +7,12 @@ from titan_mm.config import ActivationCheckpoint, Compile
 from titan_mm.models.qwen3_vl.model import Qwen3VLModel
 from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile, apply_fsdp, fsdp_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims
+from titan_mm.parallel.sequence import apply_sequence_parallel
 
 
 def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
                          compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
+    apply_sequence_parallel(model.decoder, mesh, parallel_dims)
     block_groups = (model.vision.layers, model.decoder.layers)
     if ac_cfg.mode == "full":
         for blocks in block_groups:

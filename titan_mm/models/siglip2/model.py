@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan_mm.models.attention import frame_patch_mask, sdpa
+from titan_mm.models.attention import attend, segment_mask
 
 
 @dataclass
@@ -39,6 +39,8 @@ class VisionArgs:
     """Normalise the output with post_layernorm, as Siglip2VisionModel's last_hidden_state. HF LLaVA
     reads the last layer before it (vision_feature_layer=-1); its weights are kept either way."""
     init_std: float = 0.02
+    attention_backend: str = "sdpa"
+    """Attention kernel (titan_mm/models/attention.py); set from model.attention_backend."""
 
     @property
     def patch_dim(self) -> int:
@@ -71,10 +73,8 @@ class VisionAttention(nn.Module):
 
     def forward(self, x_NLD, mask):
         N, L, _ = x_NLD.shape
-        q, k, v = (proj(x_NLD).view(N, L, -1, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = sdpa(q, k, v, mask)
-        return self.out_proj(out.transpose(1, 2).reshape(N, L, -1))
+        q, k, v = (proj(x_NLD).view(N, L, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(attend(q, k, v, mask).reshape(N, L, -1))
 
 
 class VisionMLP(nn.Module):
@@ -118,10 +118,14 @@ class VisionTransformer(nn.Module):
         w_NLPP = (w_h[..., :, None] * w_w[..., None, :]).flatten(-2)
         return w_NLPP.to(self.pos_embed.dtype) @ self.pos_embed
 
-    def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor,
+                frame_lengths_NF: torch.Tensor | None = None) -> torch.Tensor:
+        """frame_lengths_NF: each slot's frame (and padding) lengths, for the varlen backend."""
         h = self.patch_embed(pixels_NLD.to(self.patch_embed.weight.dtype))
         h = h + self.position_embeddings(grid_NL3).to(h.dtype)
-        mask = frame_patch_mask(grid_NL3)
+        # each image attends to itself; padding patches form one more segment
+        mask = segment_mask(grid_NL3[..., 0], causal=False, backend=self.args.attention_backend,
+                            segment_lengths_BK=frame_lengths_NF)
         for layer in self.layers.values():
             h = layer(h, mask)
         return self.post_layernorm(h) if self.args.apply_post_layernorm else h

@@ -1,0 +1,90 @@
+"""Attention backends agree with the dense reference; sequence-parallel layouts are validated."""
+
+import pytest
+import torch
+
+from titan_mm.data.dataloader import run_lengths
+from titan_mm.models.attention import attend, segment_mask
+from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
+from titan_mm.parallel.sequence import check_sequence_parallel
+from titan_mm.models.llama.model import DecoderArgs
+
+
+def packed_ids(B: int, S: int, lengths: list[int]) -> torch.Tensor:
+    """Rows of documents of the given lengths, then padding (-1)."""
+    ids = torch.full((B, S), -1)
+    for b in range(B):
+        start = 0
+        for d, n in enumerate(lengths[b::B] if B > 1 else lengths):
+            ids[b, start:start + n] = d
+            start += n
+    return ids
+
+
+def reference(q, k, v, ids, causal):
+    """Per-segment attention computed one segment at a time with plain softmax."""
+    B, S, H, D = q.shape
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    v = v.repeat_interleave(H // v.shape[2], dim=2)
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for seg in ids[b].unique():
+            idx = (ids[b] == seg).nonzero()[:, 0]
+            scores = torch.einsum("qhd,khd->hqk", q[b, idx], k[b, idx]) / D ** 0.5
+            if causal:
+                scores = scores.masked_fill(~torch.ones(len(idx), len(idx), dtype=torch.bool).tril(), -torch.inf)
+            out[b, idx] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[b, idx])
+    return out
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backend_matches_per_segment_reference(backend, causal):
+    torch.manual_seed(0)
+    B, S, H, Hkv, D = 2, 256, 4, 2, 16
+    ids = packed_ids(B, S, [100, 37, 60, 130, 55, 20])
+    q, k, v = torch.randn(B, S, H, D), torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
+    mask = segment_mask(ids, causal=causal, backend=backend)
+    out = attend(q, k, v, mask)
+    torch.testing.assert_close(out, reference(q, k, v, ids, causal), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen kernels are CUDA only")
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_matches_per_segment_reference(causal):
+    torch.manual_seed(0)
+    B, S, H, Hkv, D = 2, 256, 4, 2, 64
+    ids = packed_ids(B, S, [100, 37, 60, 130, 55, 20]).cuda()
+    q, k, v = (torch.randn(B, S, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, Hkv, Hkv))
+    mask = segment_mask(ids, causal=causal, backend="varlen", segment_lengths_BK=run_lengths(ids.cpu()).cuda())
+    out = attend(q, k, v, mask)
+    expected = reference(q.float(), k.float(), v.float(), ids, causal)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_run_lengths_are_each_rows_segments_in_order():
+    ids = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 1, 2, 3, 3, 3]])
+    assert run_lengths(ids).tolist() == [[3, 2, 1, 0], [1, 1, 1, 3]]
+    assert run_lengths(ids).dtype == torch.int32
+
+
+def dims(**degrees):
+    full = dict(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ulysses=1)
+    full.update(degrees)
+    world = 1
+    for v in full.values():
+        world *= v
+    return ParallelDims(**full, world_size=world)
+
+
+@pytest.mark.parametrize("degrees,seq_len,slots,backend,message", [
+    (dict(cp=2, ulysses=2), 256, 4, "flex", "cannot both be > 1"),
+    (dict(cp=4), 100, 4, "flex", "must divide by 2 x context_parallel_degree = 8"),
+    (dict(cp=2), 256, 4, "varlen", "needs model.attention_backend = flex"),
+    (dict(ulysses=4), 256, 4, "sdpa", r"ulysses degree 4 does not divide num_kv_heads per tensor-parallel rank = 2; choose ulysses in \[1, 2\]"),
+    (dict(ulysses=2, tp=2), 256, 4, "sdpa", "num_kv_heads per tensor-parallel rank = 1"),
+    (dict(ulysses=2), 256, 3, "sdpa", "image slots"),
+])
+def test_impossible_sequence_parallel_layouts_name_the_fix(degrees, seq_len, slots, backend, message):
+    with pytest.raises(ParallelismError, match=message):
+        check_sequence_parallel(dims(**degrees), DecoderArgs(n_heads=4, n_kv_heads=2), seq_len, slots, backend)

@@ -1,0 +1,172 @@
+"""Sequence parallelism for the decoder: context parallel (CP) and Ulysses.
+
+Both split every row of the batch along the sequence over a group of ranks that hold the same
+parameters (FSDP shards over them) and see the same rows:
+
+- **CP**: each rank keeps two of the 2 x cp equal chunks of the row, chunk r and chunk 2cp-1-r, so
+  every rank has the same share of causal attention work (load balancing). Attention all-gathers
+  keys and values from the group (the gradients are reduce-scattered back) and masks with each
+  token's position in the whole row, so packed documents stay separate and causal.
+- **Ulysses**: each rank keeps one contiguous chunk; around the attention kernel an all-to-all
+  turns "my chunk, all heads" into "whole row, my heads" and back. Heads (and KV heads) divide by
+  the degree.
+
+Outside attention every op is per token, so rotary positions, labels and image tokens are simply
+sharded with the tokens (``shard_batch``). The vision encoder does not repeat its work on each
+rank: the image slots are split over the group and the merged embeddings all-gathered
+(``encode_images_split``).
+
+All communication is through functional collectives (autograd-aware, traceable by compile), so
+this runs on CPU (gloo) and GPU alike.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+
+# torch 2.13 renamed the autograd all-gather; 2.11 has only the old name
+_all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
+def all_gather(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` in rank order; autograd: reduce-scatter."""
+    out = _all_gather(x.movedim(dim, 0).contiguous(), 0, mesh)
+    return out.movedim(0, dim)
+
+
+SEQUENCE_KEYS = ("input_ids", "labels", "document_ids", "image_token_index", "position_ids")
+"""Batch tensors with a sequence axis (the last one); everything else is whole on every rank."""
+
+
+@dataclass
+class SequenceParallel:
+    mode: str
+    """"cp" or "ulysses"."""
+    mesh: DeviceMesh
+    """The 1-D group of ranks that share each row."""
+
+    @property
+    def degree(self) -> int:
+        return self.mesh.size()
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.get_local_rank()
+
+    def chunk_order(self) -> list[int]:
+        """Row chunks in the order the group's ranks hold them (rank 0's first): CP cuts the row
+        into 2 x degree chunks and gives rank r chunks r and 2 x degree - 1 - r."""
+        if self.mode == "ulysses":
+            return list(range(self.degree))
+        n = 2 * self.degree
+        return [c for r in range(self.degree) for c in (r, n - 1 - r)]
+
+    def chunks_per_rank(self) -> int:
+        return 1 if self.mode == "ulysses" else 2
+
+    def row_positions(self, local_len: int, device, gathered: bool) -> torch.Tensor:
+        """Positions in the whole row of this rank's tokens, or (gathered) of every rank's tokens
+        in all-gather order."""
+        per_rank = self.chunks_per_rank()
+        chunk = local_len // per_rank
+        order = self.chunk_order()
+        if not gathered:
+            order = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        starts = torch.tensor(order, device=device) * chunk
+        return (starts[:, None] + torch.arange(chunk, device=device)).flatten()
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's share of a whole-row tensor along ``dim``."""
+        per_rank = self.chunks_per_rank()
+        chunks = x.chunk(self.degree * per_rank, dim=dim)
+        mine = self.chunk_order()[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return torch.cat([chunks[c] for c in mine], dim=dim)
+
+    def gather_sequence(self, x_BS: torch.Tensor) -> torch.Tensor:
+        """Every rank's slice of dim 1, concatenated in rank order (autograd: reduce-scatter)."""
+        return all_gather(x_BS, 1, self.mesh)
+
+    def sequence_to_heads(self, x_BSHD: torch.Tensor) -> torch.Tensor:
+        """[B, S/u, H, D] -> [B, S, H/u, D] (Ulysses)."""
+        B, S_local, H, D = x_BSHD.shape
+        u = self.degree
+        # send head group j to rank j; receive rank i's sequence chunk as block i
+        x = x_BSHD.reshape(B, S_local, u, H // u, D).permute(2, 0, 1, 3, 4).contiguous()
+        x = funcol.all_to_all_single_autograd(x, None, None, group=self.mesh)
+        return x.permute(1, 0, 2, 3, 4).reshape(B, u * S_local, H // u, D)
+
+    def heads_to_sequence(self, x_BSHD: torch.Tensor) -> torch.Tensor:
+        """[B, S, H/u, D] -> [B, S/u, H, D] (the inverse of sequence_to_heads)."""
+        B, S, H_local, D = x_BSHD.shape
+        u = self.degree
+        x = x_BSHD.reshape(B, u, S // u, H_local, D).permute(1, 0, 2, 3, 4).contiguous()
+        x = funcol.all_to_all_single_autograd(x, None, None, group=self.mesh)
+        return x.permute(1, 2, 0, 3, 4).reshape(B, S // u, u * H_local, D)
+
+
+def shard_batch(batch: dict, sp: SequenceParallel) -> dict:
+    """This rank's tokens of every row (the tensors of SEQUENCE_KEYS, sequence on the last axis)."""
+    return {k: sp.shard(v, dim=-1) if k in SEQUENCE_KEYS else v for k, v in batch.items()}
+
+
+def encode_images_split(encode, pixel_values_NLD: torch.Tensor, grid_NL3: torch.Tensor,
+                        frame_lengths_NF: torch.Tensor | None, sp: SequenceParallel | None):
+    """Run ``encode(pixels, grid, frame_lengths)`` (-> a merged-embedding tensor [N * L', D], or a
+    tuple of such tensors and lists of them; image-slot major) on this rank's share of the N image
+    slots, then all-gather the results: the group splits the vision encoder's work instead of
+    repeating it. N divides by the degree (checked up front)."""
+    if sp is None:
+        return encode(pixel_values_NLD, grid_NL3, frame_lengths_NF)
+    mine = [None if x is None else x.chunk(sp.degree)[sp.rank]
+            for x in (pixel_values_NLD, grid_NL3, frame_lengths_NF)]
+    out = encode(*mine)
+
+    def gather(x):
+        return all_gather(x, 0, sp.mesh)
+
+    if isinstance(out, torch.Tensor):
+        return gather(out)
+    return type(out)(gather(x) if isinstance(x, torch.Tensor) else [gather(y) for y in x] for x in out)
+
+
+def check_sequence_parallel(dims, decoder_args, seq_len: int, image_slots: int, backend: str):
+    """Every size that CP / Ulysses split must divide (checked before any compute).
+
+    dims: ParallelDims; image_slots: image slots per local batch (batch size x N), split over the
+    group for the vision encoder.
+    """
+    from titan_mm.parallel.parallel_dims import ParallelismError
+    if dims.cp_enabled and dims.ulysses_enabled:
+        raise ParallelismError("context_parallel_degree and ulysses_degree cannot both be > 1; "
+                               "pick one sequence-parallel dimension")
+    if dims.cp_enabled:
+        if seq_len % (2 * dims.cp):
+            raise ParallelismError(f"training.seq_len={seq_len} must divide by 2 x context_parallel_degree "
+                                   f"= {2 * dims.cp} (load-balanced chunks); change one of them")
+        if backend == "varlen":
+            raise ParallelismError("context parallelism needs model.attention_backend = flex, sdpa or "
+                                   "auto (varlen kernels take one token set for queries and keys)")
+    if dims.ulysses_enabled:
+        dims.check_divisible("training.seq_len", seq_len, "ulysses")
+        for what, heads in (("num_heads", decoder_args.n_heads), ("num_kv_heads", decoder_args.n_kv_heads)):
+            if (heads // dims.tp) % dims.ulysses:
+                raise ParallelismError(
+                    f"ulysses degree {dims.ulysses} does not divide {what} per tensor-parallel rank = "
+                    f"{heads // dims.tp}; choose ulysses in "
+                    f"{[d for d in range(1, heads // dims.tp + 1) if (heads // dims.tp) % d == 0]}")
+    degree = dims.cp * dims.ulysses
+    if degree > 1 and image_slots % degree:
+        raise ParallelismError(
+            f"the vision encoder splits the batch's {image_slots} image slots (training.local_batch_size"
+            f" x data.max_images_per_row) over the {degree} sequence-parallel ranks; make it a multiple "
+            f"of {degree}")
+
+
+def apply_sequence_parallel(decoder, mesh, dims):
+    """Hand the decoder (and with it the model's image encoding) its sequence-parallel group."""
+    if dims.cp_enabled:
+        decoder.sequence_parallel = SequenceParallel("cp", mesh["cp"])
+    elif dims.ulysses_enabled:
+        decoder.sequence_parallel = SequenceParallel("ulysses", mesh["ulysses"])
