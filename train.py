@@ -79,7 +79,7 @@ class Trainer:
             cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=1, ulysses=p.ulysses_degree,
             world_size=self.world_size)
         check_tensor_parallel(self.parallel_dims, spec, self.model_args, cfg)
-        backend = resolve_backend(cfg.model.attention_backend, self.device.type, self.parallel_dims.cp_enabled)
+        backend = resolve_backend(cfg.model.attention_backend, self.device.type)
         check_sequence_parallel(self.parallel_dims, self.model_args.decoder, cfg.training.seq_len,
                                 cfg.training.local_batch_size * cfg.data.max_images_per_row, backend)
         self.model_args = with_attention_backend(self.model_args, backend)
@@ -198,9 +198,15 @@ class Trainer:
         inputs = {k: mb[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
         labels = mb["labels"].to(self.device, non_blocking=True)
         with self.autocast:
-            logits = self.model(**inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
-                               ignore_index=IGNORE_INDEX) / num_labels
+            if self.parallel_dims.tp_enabled:
+                # tensor-parallel output head: the loss over the logits it returns
+                logits = self.model(**inputs)
+                loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
+                                           ignore_index=IGNORE_INDEX)
+            else:
+                # output projection + cross-entropy fused in chunks inside the model
+                loss_sum = self.model(**inputs, labels=labels)
+        loss = loss_sum / num_labels
         loss.backward()
         return loss.detach()
 

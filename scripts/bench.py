@@ -2,10 +2,12 @@
 
 Random-init Qwen3-VL-2B shape (the flavor "2B"), one 8192-token sample with four 512 x 512 images
 (the shape of ../shared/bench/hf_vlm_baseline.py), bf16 parameters + fused AdamW like the baseline,
-no activation checkpointing. Prints a Markdown table; with --hf-json (the baseline's output from the
-same job) the HF row and the ratio are added.
+no activation checkpointing by default; the loss goes through the trainer's path (chunked output
+head + cross-entropy). Prints a Markdown table; with --hf-json (the baseline's output from the same
+job) the HF row and the ratio are added.
 
-    python scripts/bench.py [--hf-json $OUT/hf_baseline.json] [--steps 8] [--compile both]
+    python scripts/bench.py [--hf-json $OUT/hf_baseline.json] [--backend varlen flex sdpa] \
+        [--compile on|off|both] [--ac none full]
 """
 
 import argparse
@@ -16,7 +18,6 @@ import time
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from titan_mm.data.batch import BatchShape  # noqa: E402
 from titan_mm.data.dataloader import collate_rows  # noqa: E402
@@ -24,7 +25,8 @@ from titan_mm.data.documents import Document, Image  # noqa: E402
 from titan_mm.data.image import patchify  # noqa: E402
 from titan_mm.data.packing import RowShape, build_row  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
-from titan_mm.parallel.common import apply_compile  # noqa: E402
+from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile  # noqa: E402
+from train import with_attention_backend  # noqa: E402
 
 IMAGE_ID, START_ID, END_ID = 151655, 151652, 151653
 
@@ -50,28 +52,33 @@ def baseline_batch(args, spec, seq_len: int, n_images: int, side: int) -> dict:
     return collate_rows([build_row([doc], shape)], patches.shape[0] // vi.merge_area)
 
 
-def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: int) -> dict:
+def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: int, backend: str = "flex",
+          ac: str = "none", seq_len: int = 8192, n_images: int = 4, side: int = 512,
+          profile: str | None = None) -> dict:
+    """Train ``steps`` steps on one baseline-shaped batch; tokens/s, MFU, peak memory."""
     spec = get_model_spec(family)
-    args = spec.flavors[flavor]
-    batch = baseline_batch(args, spec, 8192, 4, 512)
+    args = with_attention_backend(spec.flavors[flavor], backend)
+    batch = baseline_batch(args, spec, seq_len, n_images, side)
     shape = BatchShape.of(batch)
-    labels = batch.pop("labels").cuda()
     batch.pop("stats")
     inputs = {k: v.cuda() for k, v in batch.items()}
     with torch.device("meta"):
         model = spec.model_cls(args)
-    if compile_blocks:
-        for blocks in (model.vision.layers, model.decoder.layers):
+    for blocks in (model.vision.layers, model.decoder.layers):
+        if ac == "full":
+            apply_activation_checkpointing(blocks)
+        if compile_blocks:
             apply_compile(blocks)
     model.to_empty(device="cuda")
     torch.manual_seed(0)
     model.init_weights()
     model.to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    n_labels = int((inputs["labels"] != -100).sum())
 
     def step():
-        logits = model(**inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        # the trainer's path: output head + cross-entropy fused in chunks inside the model
+        loss = model(**inputs) / n_labels
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -86,49 +93,91 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
         loss = step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
+    if profile:
+        write_profile(step, profile)
     flops = spec.training_flops(args, shape)
     n_params = sum(p.numel() for p in model.parameters())
-    del model, opt
+    name = f"titan_mm {family}/{flavor} {backend} {'compiled' if compile_blocks else 'eager'} ac={ac}"
+    return dict(name=name, family=family, flavor=flavor, backend=backend, compiled=compile_blocks, ac=ac,
+                params_b=round(n_params / 1e9, 3), step_s=round(dt, 4), tokens_per_s=round(seq_len / dt, 1),
+                mfu_vs_989=round(flops / dt / 989e12, 3),
+                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=round(loss.item(), 4))
+
+
+def write_profile(step, path: str):
+    """One profiled step: the top CUDA kernels by total time, as a text table at ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+        f.write("\n\nkernels only:\n")
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+
+
+def hf_rows(path: str) -> list[dict]:
+    """The baseline's Qwen3-VL-2B row (no activation checkpointing) from hf_vlm_baseline.py's JSON."""
+    rows = []
+    for r in json.load(open(path))["runs"]:
+        if r.get("model") == "qwen3-vl-2b-shape" and not r.get("grad_ckpt") and "error" not in r:
+            rows.append(dict(name="HF transformers qwen3-vl-2b-shape", params_b=r["params_b"],
+                             step_s=r["step_s"], tokens_per_s=r["tokens_per_s"], mfu_vs_989=r["mfu_vs_989"],
+                             peak_mem_gib=r["peak_mem_gib"], loss=r["loss"]))
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    hf_tps = next((r["tokens_per_s"] for r in rows if r["name"].startswith("HF")), None)
+    lines = ["| run | params (B) | step (s) | tokens/s | MFU (ViT counted, vs 989) | peak GiB | vs HF |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | error: {r['error']} |")
+            continue
+        ratio = f"{r['tokens_per_s'] / hf_tps:.2f}x" if hf_tps else "-"
+        lines.append(f"| {r['name']} | {r['params_b']} | {r['step_s']} | {r['tokens_per_s']:,.0f} | "
+                     f"{100 * r['mfu_vs_989']:.1f}% | {r['peak_mem_gib']} | {ratio} |")
+    return "\n".join(lines)
+
+
+def run_variant(**kwargs) -> dict:
+    """bench(), with a failure recorded as a row instead of losing the job."""
+    try:
+        row = bench(**kwargs)
+    except Exception as e:
+        row = dict(name=f"titan_mm {kwargs}", error=repr(e)[:300], **{k: str(v) for k, v in kwargs.items()})
     torch.cuda.empty_cache()
-    return dict(name=f"titan_mm {family}/{flavor}" + (" compiled" if compile_blocks else " eager"),
-                params_b=round(n_params / 1e9, 3), step_s=round(dt, 4), tokens_per_s=round(8192 / dt, 1),
-                mfu_vs_989=round(flops / dt / 989e12, 3), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                loss=round(loss.item(), 4))
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf-json", default=None)
+    parser.add_argument("--family", default="qwen3_vl")
+    parser.add_argument("--flavor", default="2B")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--backend", nargs="+", default=["flex"], choices=["sdpa", "flex", "varlen"])
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="on")
+    parser.add_argument("--ac", nargs="+", default=["none"], choices=["none", "full"])
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--profile", default=None, help="write a kernel-time table of one step per "
+                        "variant into this folder")
     opts = parser.parse_args()
-    rows = []
-    if opts.hf_json:
-        hf = json.load(open(opts.hf_json))
-        for r in hf["runs"]:
-            if r.get("model") == "qwen3-vl-2b-shape" and not r.get("grad_ckpt") and "error" not in r:
-                rows.append(dict(name="HF transformers qwen3-vl-2b-shape", params_b=r["params_b"],
-                                 step_s=r["step_s"], tokens_per_s=r["tokens_per_s"],
-                                 mfu_vs_989=r["mfu_vs_989"], peak_mem_gib=r["peak_mem_gib"], loss=r["loss"]))
+    rows = hf_rows(opts.hf_json) if opts.hf_json else []
     modes = {"off": [False], "on": [True], "both": [False, True]}[opts.compile]
-    for compiled in modes:
-        try:
-            rows.append(bench("qwen3_vl", "2B", compiled, opts.steps, opts.warmup))
-        except Exception as e:  # a failed variant is a row, not a lost job
-            rows.append(dict(name=f"qwen3_vl/2B compiled={compiled}", error=repr(e)[:300]))
-        print(json.dumps(rows[-1]), flush=True)
-    hf_tps = rows[0]["tokens_per_s"] if rows and rows[0]["name"].startswith("HF") else None
-    print("\n| run | params (B) | step (s) | tokens/s | MFU (ViT counted, vs 989) | peak GiB | vs HF |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['name']} | error: {r['error']} |")
-            continue
-        ratio = f"{r['tokens_per_s'] / hf_tps:.2f}x" if hf_tps else "-"
-        print(f"| {r['name']} | {r['params_b']} | {r['step_s']} | {r['tokens_per_s']:,.0f} | "
-              f"{100 * r['mfu_vs_989']:.1f}% | {r['peak_mem_gib']} | {ratio} |")
+    for backend in opts.backend:
+        for compiled in modes:
+            for ac in opts.ac:
+                profile = (f"{opts.profile}/{backend}_{'compiled' if compiled else 'eager'}_{ac}.txt"
+                           if opts.profile else None)
+                rows.append(run_variant(family=opts.family, flavor=opts.flavor, compile_blocks=compiled,
+                                        steps=opts.steps, warmup=opts.warmup, backend=backend, ac=ac,
+                                        profile=profile))
+    print()
+    print(markdown_table(rows))
     if opts.out:
         json.dump(rows, open(opts.out, "w"), indent=1)
 

@@ -32,7 +32,7 @@ def reference(q, k, v, ids, causal):
             idx = (ids[b] == seg).nonzero()[:, 0]
             scores = torch.einsum("qhd,khd->hqk", q[b, idx], k[b, idx]) / D ** 0.5
             if causal:
-                scores = scores.masked_fill(~torch.ones(len(idx), len(idx), dtype=torch.bool).tril(), -torch.inf)
+                scores = scores.masked_fill(~torch.ones(len(idx), len(idx), dtype=torch.bool, device=q.device).tril(), -torch.inf)
             out[b, idx] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[b, idx])
     return out
 
@@ -88,3 +88,58 @@ def dims(**degrees):
 def test_impossible_sequence_parallel_layouts_name_the_fix(degrees, seq_len, slots, backend, message):
     with pytest.raises(ParallelismError, match=message):
         check_sequence_parallel(dims(**degrees), DecoderArgs(n_heads=4, n_kv_heads=2), seq_len, slots, backend)
+
+
+def test_chunked_linear_cross_entropy_matches_full_logits():
+    """Loss and gradients of h and the weight equal F.cross_entropy over full fp32 logits."""
+    from titan_mm.models.loss import linear_cross_entropy
+    torch.manual_seed(0)
+    T, D, V = 300, 32, 500
+    h = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (T,))
+    labels[::7] = -100
+    loss = linear_cross_entropy(h, w, labels, chunk_tokens=64) / 3
+    loss.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, reduction="sum", ignore_index=-100) / 3
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_training_never_materialises_the_full_logits(monkeypatch):
+    """The trainer's loss path (model(..., labels=...)) forward and backward: no tensor as large as
+    tokens x vocab exists, so the chunked loss is what runs."""
+    monkeypatch.setattr("titan_mm.models.loss.CHUNK_TOKENS", 128)
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from titan_mm.models.llama.model import TextArgs, TextModel
+
+    args = TextArgs(decoder=DecoderArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                                        ffn_hidden_dim=128, vocab_size=4096))
+    model = TextModel(args)
+    model.init_weights()
+    B, S = 2, 512
+    ids = torch.randint(0, 4096, (B, S))
+    doc = torch.zeros(B, S, dtype=torch.long)
+    pos = torch.arange(S).expand(B, S)
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    with LargestTensor():
+        loss = model(ids, pos, doc, labels=ids)
+        loss.backward()
+    assert LargestTensor.largest < B * S * 4096 // 2, LargestTensor.largest
+    with LargestTensor():  # the check can fail: full logits are seen when asked for
+        model(ids, pos, doc)
+    assert LargestTensor.largest >= B * S * 4096

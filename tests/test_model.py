@@ -9,7 +9,7 @@ from titan_mm.data.packing import RowShape
 from titan_mm.data.dataloader import collate_rows
 from titan_mm.data.packing import build_row
 from titan_mm.models.llava import FLAVORS, LlavaModel
-from titan_mm.models.multimodal import scatter_image_embeddings
+from titan_mm.models.multimodal import image_token_positions, scatter_image_embeddings
 from titan_mm.models.siglip2.model import bilinear_weights
 
 ARGS = FLAVORS["debug"]
@@ -61,7 +61,21 @@ def test_each_image_embedding_lands_exactly_at_its_own_tokens():
     # distinct embedding per (image slot, merged patch): slot * 1000 + patch index
     embeds = (torch.arange(8)[:, None] * 1000 + torch.arange(Lm)[None]).float().view(-1, 1).expand(-1, 8)
     h = torch.full((2, 160, 8), -7.0)
-    out = scatter_image_embeddings(h, embeds, batch["image_token_index"])
+    h.requires_grad_(True)
+    embeds.requires_grad_(True)
+    out = scatter_image_embeddings(h, embeds, image_token_positions(batch["image_token_index"], len(embeds)))
+    # backward: each used embedding gets its own token's gradient, padding slots none, and the
+    # replaced token embeddings none
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    is_img_BS = batch["image_token_index"] >= 0
+    assert (h.grad[is_img_BS] == 0).all() and torch.equal(h.grad[~is_img_BS], grad[~is_img_BS])
+    used = batch["image_token_index"][is_img_BS]
+    assert torch.equal(embeds.grad[used], grad[is_img_BS])
+    unused = torch.ones(len(embeds), dtype=torch.bool)
+    unused[used] = False
+    assert (embeds.grad[unused] == 0).all()
+    out = out.detach()
     for b in range(2):
         is_img = batch["input_ids"][b] == IMAGE_ID
         assert (out[b, ~is_img] == -7).all()

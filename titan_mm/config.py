@@ -50,7 +50,7 @@ class Model:
     """Attention kernel of the ViT and the decoder (docs/performance.md): varlen = flash attention
     over the packed segments (CUDA; flash-attn's kernel when installed, else PyTorch's), flex =
     FlexAttention with block-sparse document / per-image masks, sdpa = dense boolean masks (any
-    device). auto = varlen on CUDA (flex under context parallelism), sdpa on CPU."""
+    device). auto = flex on CUDA, sdpa on CPU."""
 
 
 DatasetKind = Literal["captions", "interleaved", "chat", "webdataset"]

@@ -14,6 +14,7 @@ from torch import nn
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
 from titan_mm.models.attention import attend, segment_mask
+from titan_mm.models.loss import linear_cross_entropy
 from titan_mm.models.rope import Llama3RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq
 from titan_mm.parallel.sequence import SequenceParallel
 
@@ -157,11 +158,13 @@ class Decoder(nn.Module):
 
     def forward(self, h_BSD: torch.Tensor, position_ids: torch.Tensor, document_ids_BS: torch.Tensor,
                 layer_additions: list[torch.Tensor] | None = None,
-                document_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                document_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """h_BSD: input embeddings (or token ids [B, S] when this stage has tok_embeddings).
         position_ids: [B, S], or [B, 3, S] with M-RoPE. layer_additions[i] ([B, S, D]) is added to
         the output of layer i (DeepStack visual features). document_lengths [B, K]: each row's
-        document (and padding) lengths, for the varlen attention backend."""
+        document (and padding) lengths, for the varlen attention backend. Returns logits [B, S, V],
+        or with ``labels`` [B, S] the summed cross-entropy of the labelled tokens, computed in
+        chunks without materialising the logits (titan_mm/models/loss.py)."""
         if self.tok_embeddings is not None and not h_BSD.is_floating_point():
             h_BSD = self.tok_embeddings(h_BSD)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.mrope_section,
@@ -176,6 +179,8 @@ class Decoder(nn.Module):
             return h_BSD
         h_BSD = self.norm(h_BSD)
         weight = self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
+        if labels is not None:
+            return linear_cross_entropy(h_BSD.flatten(0, 1), weight, labels.flatten())
         return F.linear(h_BSD, weight)
 
     @torch.no_grad()
@@ -216,9 +221,11 @@ class TextModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
                 image_token_index: torch.Tensor | None = None, document_lengths: torch.Tensor | None = None,
-                frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids/position_ids/document_ids [B, S]. Returns logits [B, S, V]."""
-        return self.decoder(input_ids, position_ids, document_ids, document_lengths=document_lengths)
+                frame_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids/position_ids/document_ids [B, S]. Returns logits [B, S, V] (or with labels the
+        summed loss, see Decoder.forward)."""
+        return self.decoder(input_ids, position_ids, document_ids, document_lengths=document_lengths,
+                            labels=labels)
 
     def init_weights(self):
         self.decoder.init_weights()

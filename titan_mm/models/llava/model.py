@@ -14,7 +14,7 @@ from torch import nn
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
 from titan_mm.models.llama.model import Decoder, DecoderArgs
-from titan_mm.models.multimodal import scatter_image_embeddings
+from titan_mm.models.multimodal import image_token_positions, scatter_image_embeddings
 from titan_mm.models.siglip2.model import VisionArgs, VisionTransformer
 from titan_mm.parallel.sequence import encode_images_split
 
@@ -83,15 +83,18 @@ class LlavaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
                 pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_token_index: torch.Tensor,
                 document_lengths: torch.Tensor | None = None,
-                frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                frame_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/position_ids/document_ids/image_token_index [B, S]; pixel_values [N, L, D];
         grid_thw [N, L, 3]; document_lengths [B, K] and frame_lengths [N, F] for the varlen
-        attention backend. Returns logits [B, S, V]."""
+        attention backend. Returns logits [B, S, V], or with labels [B, S] the summed
+        loss of the labelled tokens (see Decoder.forward)."""
         h_BSD = self.decoder.tok_embeddings(input_ids)
         image_embeds_MD = encode_images_split(self.encode_images, pixel_values, grid_thw, frame_lengths,
                                               self.decoder.sequence_parallel)
-        h_BSD = scatter_image_embeddings(h_BSD, image_embeds_MD, image_token_index)
-        return self.decoder(h_BSD, position_ids, document_ids, document_lengths=document_lengths)
+        positions_M = image_token_positions(image_token_index, image_embeds_MD.shape[0])
+        h_BSD = scatter_image_embeddings(h_BSD, image_embeds_MD, positions_M)
+        return self.decoder(h_BSD, position_ids, document_ids, document_lengths=document_lengths,
+                            labels=labels)
 
     def encode_images(self, pixel_values_NLD, grid_NL3, frame_lengths_NF=None) -> torch.Tensor:
         """Merged image embeddings [N * L / m^2, decoder dim], image-slot major."""

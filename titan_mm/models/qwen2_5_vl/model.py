@@ -18,7 +18,7 @@ from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
 from titan_mm.models.attention import attend, segment_mask
 from titan_mm.models.llama.model import Decoder, DecoderArgs, RMSNorm
-from titan_mm.models.multimodal import scatter_image_embeddings
+from titan_mm.models.multimodal import image_token_positions, scatter_image_embeddings
 from titan_mm.models.qwen2_5_vl.positions import mrope_position_ids
 from titan_mm.models.rope import apply_rope, rope_2d_cos_sin
 from titan_mm.parallel.sequence import encode_images_split
@@ -218,15 +218,18 @@ class Qwen2_5_VLModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
                 pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_token_index: torch.Tensor,
                 document_lengths: torch.Tensor | None = None,
-                frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                frame_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/document_ids/image_token_index [B, S]; position_ids [B, 3, S] (M-RoPE);
         pixel_values [N, L, D]; grid_thw [N, L, 3]; document_lengths [B, K] and frame_lengths
-        [N, F] for the varlen attention backend. Returns logits [B, S, V]."""
+        [N, F] for the varlen attention backend. Returns logits [B, S, V], or with labels [B, S] the summed
+        loss of the labelled tokens (see Decoder.forward)."""
         h_BSD = self.decoder.tok_embeddings(input_ids)
         image_embeds_MD = encode_images_split(self.vision, pixel_values, grid_thw, frame_lengths,
                                               self.decoder.sequence_parallel)
-        h_BSD = scatter_image_embeddings(h_BSD, image_embeds_MD, image_token_index)
-        return self.decoder(h_BSD, position_ids, document_ids, document_lengths=document_lengths)
+        positions_M = image_token_positions(image_token_index, image_embeds_MD.shape[0])
+        h_BSD = scatter_image_embeddings(h_BSD, image_embeds_MD, positions_M)
+        return self.decoder(h_BSD, position_ids, document_ids, document_lengths=document_lengths,
+                            labels=labels)
 
     def init_weights(self):
         self.vision.init_weights()
