@@ -163,7 +163,8 @@ class Trainer:
             for k, v in mb["stats"].items():
                 data_stats[k] = data_stats.get(k, 0) + v
         flops = sum(self.training_flops(self.model_args, s) for s in shapes)
-        self.metrics.record_step(tokens=sum(s.tokens for s in shapes), flops=flops, data_stats=data_stats)
+        self.metrics.record_step(tokens=sum(s.tokens for s in shapes), flops=flops, data_stats=data_stats,
+                                 skipped=[ref for mb in microbatches for ref in mb["skipped"]])
         if self.loss_group is not None:
             dist.all_reduce(loss, group=self.loss_group)  # a collective, not a host sync
         self.losses.append(loss)
