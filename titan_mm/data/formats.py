@@ -135,7 +135,7 @@ class TextFile:
     def read(self, position: tuple[int, int]) -> str:
         with open(self.path, "rb") as f:
             if self.whole_file:
-                return f.read().decode("utf-8", errors="replace")
+                return _text([f.read()])
             f.seek(position[0])
             lines = []
             for raw in f:
