@@ -6,6 +6,8 @@ Every data file is written at test time under tmp_path from the bundled images a
 
 import json
 import pickle
+import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -291,3 +293,94 @@ def test_bad_paths_are_config_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # the import fails as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'titan_mm\[parquet\]'"):
         parse_args(["--data.path", "chat.parquet", "--data.dataset", "chat"])
+
+
+class ListHandler:
+    """Collects the messages of one logger (the logging plugin is off in these runs)."""
+
+    def __init__(self, name: str):
+        import logging
+        self.messages: list[str] = []
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.messages.append(record.getMessage())
+        self.logger = logging.getLogger(name)
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self.handler)
+
+    def close(self):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+
+
+def test_run_with_five_percent_corrupted_samples_finishes_and_counts_each(captions, tmp_path):
+    """train.py on 100 captions of which 5 are bad (missing image, corrupt image, invalid JSON, no
+    caption, overlong): it trains through the whole epoch, and its skip counts are exactly the 5."""
+    from conftest import make_config
+    import train
+
+    link_images(tmp_path)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    n, first_clean = 100, 30
+    bad_kinds = ["missing_image", "corrupt_image", "malformed", "malformed", "overlong"]
+    # the first 30 lines are good: the run reads into the next epoch, but not that far
+    positions = sorted(random.Random(0).sample(range(first_clean, n), n // 20))
+    rows = [dict(c) for c in captions[:n]]
+    expected = Counter()
+    for k, i in enumerate(positions):
+        kind = bad_kinds[k % len(bad_kinds)]
+        expected[kind] += 1
+        rows[i] = {"missing_image": {"id": f"bad{i}", "image": "images/nope.png", "caption": "x"},
+                   "corrupt_image": {"id": f"bad{i}", "image": "corrupt.png", "caption": "x"},
+                   "overlong": dict(rows[i], caption=" ".join(["a red circle."] * 300))}.get(kind, rows[i])
+        if kind == "malformed":
+            rows[i] = "{not json" if k % 2 else {"id": f"bad{i}", "image": rows[i]["image"]}
+    write_jsonl(tmp_path / "train.jsonl", rows)
+
+    args = ["--data.path", str(tmp_path / "train.jsonl"), "--data.shuffle", "false",
+            "--training.seq_len", "256", "--data.max_images_per_row", "10", "--data.pack_open_bins", "4",
+            "--metrics.log_freq", "5",
+            "--checkpoint.enable", "false"]
+    # steps: the first batch made after the source began its second epoch
+    cfg = make_config(tmp_path / "probe", *args)
+    tok = Tokenizer(cfg.model.tokenizer_path)
+    loader = build_dataloader(cfg.data, tok, SPEC, seq_len=256, batch_size=1, dp_rank=0, dp_world=1, seed=0)
+    source, steps = loader.dataset.source, 0
+    for steps, _ in enumerate(loader, start=1):
+        if source.epoch == 1:
+            break
+    assert source.walked < first_clean  # read into epoch 2 no further than its clean lines
+
+    log = ListHandler("titan_mm.train.metrics")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the debug model's steps are tiny: more threads only contend for cores
+    try:
+        trainer = train.Trainer(make_config(tmp_path, *args, "--training.steps", str(steps)))
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+        log.close()
+    totals = trainer.metrics.data_totals
+    skipped = Counter({k: v for k, v in totals.items() if k not in ("pad_tokens", "rows", "documents")})
+    print(f"{steps} steps over {n} samples, {len(positions)} corrupted: skipped {dict(skipped)}")
+    assert skipped == expected and sum(skipped.values()) == n // 20
+    # the progress lines name skipped samples by file:line and id
+    named = [m for m in log.messages if "skipped since the last log line" in m]
+    lines = [int(re.search(r"train\.jsonl:(\d+)", m).group(1)) for m in named]
+    assert lines and all(line - 1 in positions for line in lines), named
+
+
+def test_progress_line_shows_each_source_and_its_share_of_tokens():
+    from titan_mm.train.metrics import MetricsLogger
+    log = ListHandler("titan_mm.train.metrics")
+    try:
+        metrics = MetricsLogger(log_freq=1, total_steps=1, tb_folder=None, peak_tflops=0, world_size=1,
+                                device=torch.device("cpu"))
+        metrics.record_step(tokens=10, flops=0, data_stats={}, skipped=["corrupt_image a.jsonl:3 (x): bad"])
+        totals = {"samples/caps": 30, "tokens/caps": 600, "samples/text": 5, "tokens/text": 200, "malformed": 1}
+        metrics.log(1, loss=1.0, grad_norm=1.0, lr=1e-3, row_slots=256, data_totals=totals)
+    finally:
+        log.close()
+    assert "skipped 1 {'malformed': 1}" in log.messages[0]
+    assert log.messages[0].endswith("sources caps 30 (75%) text 5 (25%)")
+    assert log.messages[1].endswith("skipped since the last log line: corrupt_image a.jsonl:3 (x): bad")
