@@ -151,6 +151,16 @@ def test_captions_parquet_reads_image_bytes(tokenizer, captions, tmp_path):
                    docs_of(source(tokenizer, tmp_path / "caps.jsonl", "captions")))
 
 
+def test_unreadable_parquet_file_is_counted_and_the_others_are_read(tokenizer, captions, tmp_path):
+    pytest.importorskip("pyarrow")
+    link_images(tmp_path)
+    write_parquet(tmp_path / "a.parquet", captions[:4])
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    src = source(tokenizer, str(tmp_path / "*.parquet"), "captions")
+    assert len(docs_of(src)) == 4 and src.stats == Counter(corrupt_file=1)
+    assert "b.parquet: cannot read Parquet" in src.skipped[0]
+
+
 def test_long_texts_are_cut_into_seq_len_chunks_not_skipped(tokenizer, tmp_path):
     pytest.importorskip("pyarrow")
     long_text = " ".join(f"word{i} of a long document." for i in range(300))
