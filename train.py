@@ -182,7 +182,7 @@ class Trainer:
         # this rank's share: a sequence-parallel group splits each row's tokens and images
         flops = sum(self.training_flops(self.model_args, s) for s in shapes) / sp_degree
         self.metrics.record_step(tokens=sum(s.tokens for s in shapes) // sp_degree, flops=flops,
-                                 data_stats=data_stats)
+                                 data_stats=data_stats, skipped=[ref for mb in microbatches for ref in mb["skipped"]])
         if self.loss_group is not None:
             dist.all_reduce(loss, group=self.loss_group)  # a collective, not a host sync
         self.losses.append(loss)

@@ -94,7 +94,7 @@ def measure(cfg: Data, tok: Tokenizer, spec, args) -> tuple[float, float, float]
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=f"{BUNDLED}/captions_train.jsonl")
-    p.add_argument("--kind", default="captions", choices=["captions", "interleaved", "chat"])
+    p.add_argument("--kind", default="captions", choices=["captions", "interleaved", "chat", "text"])
     p.add_argument("--generate-images", type=int, metavar="SIDE", help="captions of SIDE x SIDE JPEGs")
     p.add_argument("--generate-videos", type=int, metavar="N", help="N chat samples with ffmpeg clips")
     p.add_argument("--samples", type=int, default=200, help="--generate-images: how many")

@@ -20,7 +20,7 @@ from titan_mm.data.chat import ChatDocumentBuilder
 from titan_mm.data.documents import SampleError
 from titan_mm.data.image import ImageProcessor
 from titan_mm.data.packing import IGNORE_INDEX, RowShape, build_row
-from titan_mm.data.sources import JsonlSource
+from titan_mm.data.sources import StreamingSource
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.data.video import sample_frame_indices
 from titan_mm.models.llava import FLAVORS
@@ -329,7 +329,7 @@ def test_malformed_conversations_are_skipped_and_counted_by_kind(debug_tok, tmp_
     lines = [json.dumps({"id": "good", "messages": CASES["one_image"]})]
     lines += [json.dumps({"id": name, **sample}) for name, sample in BAD.items()] + ["{not json"]
     path.write_text("\n".join(lines) + "\n")
-    source = JsonlSource(str(path), "chat", builder(debug_tok, "plain"), shuffle=False, epochs=1)
+    source = StreamingSource(str(path), "chat", builder(debug_tok, "plain"), shuffle=False, epochs=1)
     docs = list(source)
     assert [doc.ref.split("(")[1] for _, doc in docs] == ["good)"]
     assert source.stats == Counter(empty=2, malformed=7, missing_image=1, unsupported=1)
@@ -388,7 +388,7 @@ def test_declared_token_at_another_id_is_a_clear_error(qwen_folder, tmp_path):
 
 def test_bundled_chat_samples_all_build(debug_tok):
     """All 200 bundled conversations build; trained tokens are the assistant answers only."""
-    source = JsonlSource(f"{DATA}/chat_train.jsonl", "chat", builder(debug_tok, "plain"), shuffle=False, epochs=1)
+    source = StreamingSource(f"{DATA}/chat_train.jsonl", "chat", builder(debug_tok, "plain"), shuffle=False, epochs=1)
     docs = [doc for _, doc in source]
     assert len(docs) == 200 and not source.stats
     rows = [json.loads(line) for line in open(f"{DATA}/chat_train.jsonl")]

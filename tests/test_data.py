@@ -12,7 +12,7 @@ from titan_mm.config import Data
 from titan_mm.data.dataloader import build_dataloader, build_document_builder
 from titan_mm.data.image import ImageProcessor, patchify, smart_resize
 from titan_mm.data.packing import IGNORE_INDEX, BestFitPacker, RowShape
-from titan_mm.data.sources import JsonlSource
+from titan_mm.data.sources import StreamingSource
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.models.llava import FLAVORS
 
@@ -119,7 +119,7 @@ def test_bad_samples_are_skipped_counted_and_reported(tokenizer, tmp_path):
             {"id": "ok2", "image": "ok.png", "caption": "a blue square."}]
     write_jsonl(tmp_path / "data.jsonl", rows)
     builder = build_document_builder(data_cfg(), tokenizer, SPEC)
-    source = JsonlSource(str(tmp_path / "data.jsonl"), "captions", builder, shuffle=False, epochs=1)
+    source = StreamingSource(str(tmp_path / "data.jsonl"), "captions", builder, shuffle=False, epochs=1)
     shape = RowShape(512, 20, 64, SPEC.patch_dim, 4, tokenizer.pad_id, (tokenizer.image_id,))
     rows = list(BestFitPacker(source, shape, open_bins=4))
     stats = {}

@@ -165,7 +165,7 @@ class CountingSource:
     """An endless source of one-token documents; its refs count up."""
 
     def __init__(self):
-        self.stats, self.n = Counter(), 0
+        self.stats, self.skipped, self.n = Counter(), [], 0
 
     def __iter__(self):
         while True:

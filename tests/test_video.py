@@ -17,7 +17,7 @@ from titan_mm.config import Data
 from titan_mm.data.dataloader import build_dataloader
 from titan_mm.data.documents import DocumentBuilder
 from titan_mm.data.image import ImageProcessor
-from titan_mm.data.sources import JsonlSource
+from titan_mm.data.sources import StreamingSource
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.data.video import load_video
 from titan_mm.models.qwen2_5_vl import FLAVORS
@@ -107,7 +107,7 @@ def test_corrupt_and_missing_videos_are_skipped_and_counted(media, tok, tmp_path
     path.write_text("\n".join([sample("good", "clip.mp4"), sample("corrupt", "corrupt.mp4"),
                                sample("missing", "nope.mp4")]) + "\n")
     builder = DocumentBuilder(tok, ImageProcessor(SPEC, 3136, 12544), video_max_frames=8)
-    source = JsonlSource(str(path), "interleaved", builder, shuffle=False, epochs=1)
+    source = StreamingSource(str(path), "interleaved", builder, shuffle=False, epochs=1)
     docs = list(source)
     assert [doc.ref.split("(")[1] for _, doc in docs] == ["good)"]
     assert source.stats == Counter(corrupt_video=1, missing_video=1)

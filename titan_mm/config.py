@@ -53,16 +53,18 @@ class Model:
     device). auto = flex on CUDA, sdpa on CPU."""
 
 
-DatasetKind = Literal["captions", "interleaved", "chat", "webdataset"]
+DatasetKind = Literal["captions", "interleaved", "chat", "text", "webdataset"]
 
 
 @dataclass
 class Data:
     dataset: DatasetKind = "captions"
-    """Kind of samples in ``path``: image-caption pairs, interleaved text/image documents, or
-    conversations (``{"id", "messages": [...]}``, OpenAI-style; only assistant turns are trained on),
-    all JSONL; or webdataset = image-caption pairs in .tar shards (``path`` is a glob of shards whose
-    members are KEY.jpg/png/jpeg/webp and KEY.txt or KEY.json with a "caption" or "txt" field)."""
+    """Kind of samples in ``path`` (docs/data.md): captions = image-caption pairs; interleaved = text
+    and images in order ("content" parts, or OBELICS' "texts"/"images" columns); chat = OpenAI-style
+    "messages", only assistant turns trained on; text = plain text, cut into seq_len chunks; all read
+    from .jsonl, .json (an array), .parquet or (text only) .txt files, the format taken from the
+    extension. webdataset = image-caption pairs in .tar shards (members KEY.jpg/png/jpeg/webp and
+    KEY.txt or KEY.json with a "caption" or "txt" field)."""
     chat_format: Literal["plain", "chatml", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llama3"] = "plain"
     """dataset = "chat": how conversations are written out (titan_mm/data/chat.py). plain = ChatML
     with the bundled debug tokenizer's <|bos|> and <|eos|>; chatml and qwen3_vl = <|im_start|>role
@@ -73,8 +75,9 @@ class Data:
     video_max_frames: int = 16
     """Video files: at most this many sampled frames per video (at least 2, padded to an even count)."""
     path: str = "assets/sample_data/captions_train.jsonl"
-    """JSONL file of samples (image paths inside it are relative to its folder), or for webdataset a
-    glob of .tar shards (several globs: comma-separated)."""
+    """Data file, or a glob of them (several: comma-separated), ending in .jsonl, .json, .parquet,
+    .txt or (webdataset) .tar; media paths inside are relative to the file's folder. Files are
+    streamed, never loaded whole."""
     mixture_paths: list[str] = field(default_factory=list)
     """A weighted mixture of sources instead of ``path``: one path (or shard glob) per source. Each
     sample comes from source i with probability mixture_weights[i] / sum(mixture_weights)."""
@@ -95,7 +98,14 @@ class Data:
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process)."""
     shuffle: bool = True
-    """Reshuffle the samples every epoch (seeded by job.seed and the epoch)."""
+    """Reshuffle the samples every epoch (seeded by job.seed and the epoch): the order of files
+    (Parquet: row groups; webdataset: shards) and a shuffle buffer of records."""
+    shuffle_buffer: int = 1000
+    """Records each loader worker holds and draws from at random (streamed formats, with shuffle);
+    larger mixes better and costs memory (raw records, e.g. Parquet image bytes); 1 = file order."""
+    text_split: Literal["paragraph", "file"] = "paragraph"
+    """dataset = "text" from .txt files: each blank-line separated paragraph is a document
+    (paragraph), or each file is one (file). Either way long documents are cut into seq_len chunks."""
 
 
 @dataclass
@@ -232,7 +242,7 @@ class JobConfig:
 
 _POSITIVE = {
     "data.max_images_per_row", "data.max_patches_per_image", "data.min_pixels", "data.max_pixels",
-    "data.pack_open_bins", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
+    "data.pack_open_bins", "data.shuffle_buffer", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
     "training.gradient_accumulation_steps", "optimizer.lr", "checkpoint.interval",
     "metrics.log_freq", "parallelism.tensor_parallel_degree",
 }
@@ -260,6 +270,7 @@ def _check_values(cfg: JobConfig) -> list[str]:
         errors.append(f"data.min_pixels = {cfg.data.min_pixels} exceeds data.max_pixels = "
                       f"{cfg.data.max_pixels}; lower min_pixels or raise max_pixels")
     errors += _check_mixture(cfg.data)
+    errors += _check_data_files(cfg.data)
     if cfg.checkpoint.initial_load_path and cfg.checkpoint.initial_load_hf_path:
         errors.append("checkpoint.initial_load_path and checkpoint.initial_load_hf_path are both set; "
                       "keep one")
@@ -281,6 +292,23 @@ def _check_mixture(data: Data) -> list[str]:
                       f"has {n}; give one kind per path or leave it empty")
     if any(not w > 0 for w in data.mixture_weights):
         errors.append(f"data.mixture_weights = {data.mixture_weights} must all be > 0")
+    return errors
+
+
+def _check_data_files(data: Data) -> list[str]:
+    """Every data path's extension names a format that can hold its kind of samples."""
+    from titan_mm.data.formats import record_format
+
+    kinds = data.mixture_kinds or [data.dataset] * len(data.mixture_paths)
+    sources = list(zip(data.mixture_paths, kinds)) if data.mixture_paths else [(data.path, data.dataset)]
+    errors = []
+    for paths, kind in sources:
+        for path in (p.strip() for p in paths.split(",")):
+            try:
+                if path:
+                    record_format(path, kind)
+            except ConfigError as e:
+                errors.append(str(e))
     return errors
 
 

@@ -4,8 +4,11 @@ A sample is ``{"id": ..., "messages": [{"role": "system" | "user" | "assistant",
 where content is a string or a list of parts: ``{"type": "text", "text": ...}``,
 ``{"type": "image", "image": path}``, ``{"type": "image_url", "image_url": {"url": path}}`` or
 ``{"type": "video", "video": path}`` (a video file). Paths are relative to the data file's folder;
-images and videos may appear in user messages only, anywhere among the text. Only assistant turns
-are trained on: their content and the token that ends the turn, not the role header.
+an image may also be given as encoded bytes or a ``{"bytes", "path"}`` struct (Parquet), or as a bare
+``{"type": "image"}`` that stands for the next entry of the sample's ``images`` list (the layout of
+HF datasets' chat sets). Images and videos may appear in user messages only, anywhere among the
+text. Only assistant turns are trained on: their content and the token that ends the turn, not the
+role header.
 """
 
 import bisect
@@ -17,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from titan_mm.data.documents import Document, DocumentBuilder, SampleError
+from titan_mm.data.documents import Document, DocumentBuilder, SampleError, image_input, is_image_value
 from titan_mm.data.image import ImageProcessor
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.data.video import load_video
@@ -83,7 +86,9 @@ class Text:
 class Media:
     kind: str
     """image or video."""
-    path: str
+    value: object
+    """A video's path; an image's path, bytes or {"bytes", "path"} struct; None = the next entry of
+    the sample's ``images``."""
 
 
 def render_conversation(ref: str, messages, fmt: ChatFormat) -> list[Text | Media]:
@@ -129,8 +134,10 @@ def _part(ref: str, part) -> Text | Media:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
         return Text(part["text"])
-    if kind in ("image", "video") and isinstance(part.get(kind), str):
-        return Media(kind, part[kind])
+    if kind == "video" and isinstance(part.get("video"), str):
+        return Media(kind, part["video"])
+    if kind == "image" and (is_image_value(part.get("image")) or part.get("image") is None):
+        return Media(kind, part.get("image"))
     url = part.get("image_url") if kind == "image_url" else None
     if isinstance(url, dict) and isinstance(url.get("url"), str):
         return Media("image", url["url"])
@@ -169,19 +176,31 @@ class ChatDocumentBuilder(DocumentBuilder):
                          video_max_frames=video_max_frames)
         self.format = get_chat_format(chat_format, tokenizer)
 
-    def chat(self, ref: str, messages, media_root: str) -> Document:
+    def chat(self, ref: str, messages, media_root: str, images: list | None = None) -> Document:
+        """``images``: the sample's image list, taken in order by bare ``{"type": "image"}`` parts."""
         doc = Document(ref=ref)
         texts: list[Text] = []
+        unused = list(images or [])
         for piece in render_conversation(ref, messages, self.format):
             if isinstance(piece, Text):
                 texts.append(piece)
                 continue
             self._add_texts(doc, texts)
             texts = []
-            if piece.kind == "image":
-                self._add_image(doc, os.path.join(media_root, piece.path))
-            else:
-                self._add_video_file(doc, os.path.join(media_root, piece.path))
+            if piece.kind == "video":
+                self._add_video_file(doc, os.path.join(media_root, piece.value))
+                continue
+            value = piece.value
+            if value is None:
+                if not unused:
+                    raise SampleError("malformed", f"{ref}: more image parts than entries in 'images'")
+                value = unused.pop(0)
+            if not is_image_value(value):
+                raise SampleError("malformed", f"{ref}: image {value!r} is not a path, bytes or "
+                                               f"{{bytes, path}} struct")
+            self._add_image(doc, image_input(value, media_root))
+        if unused:
+            raise SampleError("malformed", f"{ref}: {len(unused)} entries of 'images' have no image part")
         self._add_texts(doc, texts)
         if self.positions_fn is not None:
             doc.positions = self.positions_fn(doc)

@@ -14,7 +14,7 @@ from titan_mm.data.chat import ChatDocumentBuilder
 from titan_mm.data.documents import DocumentBuilder
 from titan_mm.data.image import ImageProcessor, VisionInputSpec
 from titan_mm.data.packing import BestFitPacker, RowShape
-from titan_mm.data.sources import JsonlSource, MixtureSource, source_name
+from titan_mm.data.sources import MixtureSource, StreamingSource, source_name
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.data.webdataset import WebDatasetSource
 
@@ -33,6 +33,7 @@ def collate_rows(rows: list[dict], merged_per_image: int) -> dict:
     batch["document_lengths"] = run_lengths(batch["document_ids"])
     batch["frame_lengths"] = run_lengths(batch["grid_thw"][..., 0])
     batch["stats"] = dict(sum((Counter(r["stats"]) for r in rows), Counter()))
+    batch["skipped"] = [ref for r in rows for ref in r["skipped"]]
     return batch
 
 
@@ -79,7 +80,7 @@ def build_document_builder(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpe
                            video_max_frames=cfg.video_max_frames)
 
 
-def build_source(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, dp_rank: int,
+def build_source(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, seq_len: int, dp_rank: int,
                  dp_world: int, seed: int):
     """data.path as one source, or the weighted mixture of data.mixture_paths."""
     def one(path: str, kind: str):
@@ -87,8 +88,9 @@ def build_source(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, dp_r
         if kind == "webdataset":
             return WebDatasetSource(path, builder, dp_rank=dp_rank, dp_world=dp_world, seed=seed,
                                     shuffle=cfg.shuffle)
-        return JsonlSource(path, kind, builder, dp_rank=dp_rank, dp_world=dp_world, seed=seed,
-                           shuffle=cfg.shuffle)
+        return StreamingSource(path, kind, builder, max_tokens=seq_len, dp_rank=dp_rank,
+                               dp_world=dp_world, seed=seed, shuffle=cfg.shuffle,
+                               shuffle_buffer=cfg.shuffle_buffer, text_split=cfg.text_split)
 
     if not cfg.mixture_paths:
         return one(cfg.path, cfg.dataset)
@@ -102,7 +104,8 @@ def build_source(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, dp_r
 def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, seq_len: int,
                      batch_size: int, dp_rank: int, dp_world: int, seed: int) -> StatefulDataLoader:
     check_image_budget(cfg, spec.patch_size, spec.spatial_merge_size)
-    source = build_source(cfg, tokenizer, spec, dp_rank=dp_rank, dp_world=dp_world, seed=seed)
+    source = build_source(cfg, tokenizer, spec, seq_len=seq_len, dp_rank=dp_rank, dp_world=dp_world,
+                          seed=seed)
     merge_area = spec.merge_area
     media_token_ids = tuple(i for i in (tokenizer.image_id, tokenizer.video_id) if i is not None)
     shape = RowShape(seq_len=seq_len, max_images=cfg.max_images_per_row,

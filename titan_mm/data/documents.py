@@ -1,5 +1,7 @@
 """Turn raw samples into documents: token ids, which tokens are trained on, and image patches."""
 
+import io
+import os
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
@@ -73,14 +75,35 @@ class DocumentBuilder:
         self._add_text(doc, caption, supervised=True)
         return self._finish(doc)
 
+    def text_chunks(self, ref: str, text: str, max_tokens: int) -> list[Document]:
+        """Plain text ``<bos> text <eos>``, all trained on, cut into documents of at most
+        ``max_tokens`` tokens so that a long text is trained on whole (each chunk is packed as its
+        own document: positions restart and its first token has no label)."""
+        if not text.strip():
+            raise SampleError("empty", f"{ref}: no text")
+        doc = self._start(ref)
+        self._add_text(doc, text, supervised=True)
+        doc.tokens.append(self.tok.eos_id)
+        doc.targets.append(True)
+        n = -(-len(doc.tokens) // max_tokens)
+        chunks = []
+        for i in range(n):
+            part = slice(i * max_tokens, (i + 1) * max_tokens)
+            chunk = Document(ref=ref if n == 1 else f"{ref} chunk {i + 1}/{n}", tokens=doc.tokens[part],
+                             targets=doc.targets[part])
+            if self.positions_fn is not None:
+                chunk.positions = self.positions_fn(chunk)
+            chunks.append(chunk)
+        return chunks
+
     def interleaved(self, ref: str, content: list[dict], image_root: str) -> Document:
         doc = self._start(ref)
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 self._add_text(doc, part["text"], supervised=True)
-            elif kind == "image" and isinstance(part.get("image"), str):
-                self._add_image(doc, f"{image_root}/{part['image']}")
+            elif kind == "image" and is_image_value(part.get("image")):
+                self._add_image(doc, image_input(part["image"], image_root))
             elif kind == "video" and _is_frame_list(part.get("video")) and _is_positive(part.get("fps")):
                 self._add_video(doc, [f"{image_root}/{f}" for f in part["video"]], part["fps"])
             elif kind == "video" and isinstance(part.get("video"), str):
@@ -160,6 +183,24 @@ class DocumentBuilder:
         doc.tokens += tokens
         doc.targets += [False] * len(tokens)
         doc.images.append(media)
+
+
+def is_image_value(value) -> bool:
+    """An image as a sample may give it: a path, encoded bytes, or a {"bytes", "path"} struct (the
+    HF datasets Image feature as Parquet stores it)."""
+    if isinstance(value, dict):
+        return is_image_value(value.get("bytes")) or is_image_value(value.get("path"))
+    return isinstance(value, (str, bytes)) and len(value) > 0
+
+
+def image_input(value, root: str) -> str | BinaryIO:
+    """What load_image opens for an image value (see is_image_value): bytes are preferred over a
+    path; paths are relative to ``root``, the data file's folder."""
+    if isinstance(value, dict):
+        value = value["bytes"] if is_image_value(value.get("bytes")) else value["path"]
+    if isinstance(value, bytes):
+        return io.BytesIO(value)
+    return os.path.join(root, value)
 
 
 def _is_frame_list(value) -> bool:

@@ -3,10 +3,9 @@
 Each emitted row is a dict of tensors: input_ids, labels, document_ids, image_token_index [S];
 position_ids [S] (or [P, S] for multi-axis rotary such as M-RoPE); pixel_values [N, L, D];
 grid_thw [N, L, 3] (padding rows -1); plus ``stats``, counts to log (pad tokens, skipped samples
-by reason).
+by reason), and ``skipped``, the references of the latest samples skipped since the last row.
 """
 
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -14,9 +13,8 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 
-from titan_mm.data.documents import Document
-
-logger = logging.getLogger(__name__)
+from titan_mm.data.documents import Document, SampleError
+from titan_mm.data.sources import MAX_SKIPS_REPORTED, count_skip
 
 IGNORE_INDEX = -100
 
@@ -63,6 +61,7 @@ class BestFitPacker(IterableDataset, Stateful):
         self.source, self.shape, self.max_open = source, shape, open_bins
         self.bins: list[Bin] = []
         self.stats: Counter = Counter()
+        self.skipped: list[str] = []
 
     def __iter__(self):
         for ref, doc in self.source:
@@ -84,8 +83,7 @@ class BestFitPacker(IterableDataset, Stateful):
             reason = f"an image has more than data.max_patches_per_image={s.max_patches} patches"
         if reason is None:
             return True
-        self.stats["overlong"] += 1
-        logger.warning("skipping overlong sample %s: %s", doc.ref, reason)
+        count_skip(self, SampleError("overlong", f"{doc.ref}: {reason}"))
         return False
 
     def _place(self, ref, doc: Document) -> dict | None:
@@ -113,6 +111,8 @@ class BestFitPacker(IterableDataset, Stateful):
         stats["rows"] += 1
         stats["documents"] += len(b.docs)
         row["stats"] = dict(stats)
+        row["skipped"] = (self.source.skipped + self.skipped)[-MAX_SKIPS_REPORTED:]
+        self.source.skipped, self.skipped = [], []
         return row
 
     def state_dict(self) -> dict:

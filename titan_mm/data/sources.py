@@ -1,13 +1,14 @@
-"""Sample sources: JSONL files of captions, interleaved documents or conversations, sharded by rank
-and worker; weighted mixtures of sources. (Webdataset .tar shards: titan_mm/data/webdataset.py.)
+"""Sample sources: data files streamed record by record, sharded by data-parallel rank and loader
+worker; weighted mixtures of sources. (Webdataset .tar shards: titan_mm/data/webdataset.py; the
+file formats: titan_mm/data/formats.py; records -> documents: titan_mm/data/samples.py.)
 
-A source yields ``(ref, Document)``; ``load(ref)`` rebuilds the document. Bad samples are skipped and
-counted in ``stats`` by kind. Its position (epoch, offset into this shard's order) is its whole
-state, so resume is exact.
+A source yields ``(ref, Document)``; ``load(ref)`` rebuilds the document. Bad samples are skipped,
+counted in ``stats`` by reason, and their references kept in ``skipped`` until the packer reports
+them. A source's position is its whole state, so resume is exact.
 """
 
 import bisect
-import json
+import glob
 import logging
 import os
 import random
@@ -17,102 +18,193 @@ import torch
 from torch.utils.data import get_worker_info
 
 from titan_mm.data.documents import Document, DocumentBuilder, SampleError
+from titan_mm.data.formats import open_record_file
+from titan_mm.data.samples import SampleDecoder
 
 logger = logging.getLogger(__name__)
 
 MAX_SKIP_WARNINGS = 20
+"""Skips logged as warnings by one process; later ones are only counted and reported by the packer."""
+MAX_SKIPS_REPORTED = 5
+"""References of the latest skipped samples a source keeps for the progress line."""
+_skips_logged = 0
 
 
-def count_skip(stats: Counter, error: SampleError):
-    """Count a skipped sample under its reason; log the first few."""
-    stats[error.kind] += 1
-    if sum(stats.values()) <= MAX_SKIP_WARNINGS:
+def count_skip(source, error: SampleError):
+    """Count a skipped sample of ``source`` under its reason, keep its reference; log the first few."""
+    global _skips_logged
+    source.stats[error.kind] += 1
+    source.skipped = (source.skipped + [f"{error.kind} {error}"[:300]])[-MAX_SKIPS_REPORTED:]
+    _skips_logged += 1
+    if _skips_logged <= MAX_SKIP_WARNINGS:
         logger.warning("skipping sample (%s): %s", error.kind, error)
 
 
-class JsonlSource:
-    def __init__(self, path: str, kind: str, builder: DocumentBuilder, *, dp_rank: int = 0,
-                 dp_world: int = 1, seed: int = 0, shuffle: bool = True, epochs: int | None = None):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data file {path} not found (set data.path)")
-        with open(path, encoding="utf-8") as f:
-            self.lines = [line for line in f if line.strip()]
-        if not self.lines:
-            raise ValueError(f"data file {path} has no samples")
-        self.path, self.kind, self.builder = path, kind, builder
-        self.root = os.path.dirname(os.path.abspath(path))
-        self.dp_rank, self.dp_world = dp_rank, dp_world
-        self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
-        self.epoch, self.offset = 0, 0
-        self.stats: Counter = Counter()
+def reader_index(dp_rank: int, dp_world: int) -> tuple[int, int]:
+    """(this reader, readers): every (dp rank, loader worker) pair reads its own share."""
+    info = get_worker_info()
+    worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+    return dp_rank * n_workers + worker, dp_world * n_workers
 
-    def _shard_order(self, epoch: int) -> list[int]:
-        """This rank's and this worker's sample indices for ``epoch``."""
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        n = len(self.lines)
+
+def expand_paths(pattern: str) -> list[str]:
+    """Files of a path or glob (or a comma-separated list of them), sorted."""
+    paths = []
+    for part in (p.strip() for p in pattern.split(",")):
+        if not part:
+            continue
+        found = sorted(p for p in glob.glob(part) if os.path.isfile(p))
+        if not found:
+            raise FileNotFoundError(f"data file {part} not found (set data.path or data.mixture_paths)")
+        paths += found
+    return sorted(set(paths))
+
+
+class StreamingSource:
+    """Samples of JSONL, JSON, Parquet or .txt files (a path or glob), streamed.
+
+    Each epoch, the files' units (a file, or a Parquet row group) are put in an order seeded by
+    (seed, epoch). With at least as many units as readers (dp ranks x loader workers), units are
+    dealt round-robin to readers; with fewer, every reader walks every unit and takes every
+    readers-th record. Either way each record goes to exactly one reader per epoch. A reader keeps
+    ``shuffle_buffer`` records and yields one drawn at random (seeded by seed, epoch, reader and
+    draw number) as each new record comes in, so an epoch is shuffled beyond the file order;
+    the buffer is emptied at the end of each epoch. Images and videos are decoded when a record is
+    drawn, in the loader worker.
+
+    State: epoch, unit, position inside it, records walked, draws, and the buffered records as
+    references (read again on resume), so a resumed reader continues exactly.
+    """
+
+    def __init__(self, path: str, kind: str, builder: DocumentBuilder, *, max_tokens: int | None = None,
+                 dp_rank: int = 0, dp_world: int = 1, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 1000, text_split: str = "paragraph", epochs: int | None = None):
+        if kind == "text" and max_tokens is None:
+            raise ValueError("text sources need max_tokens (training.seq_len) to cut long texts")
+        self.path, self.kind = path, kind
+        self.files = {p: open_record_file(p, kind, text_split) for p in expand_paths(path)}
+        self.decode = SampleDecoder(kind, builder, max_tokens or 0)
+        self.dp_rank, self.dp_world = dp_rank, dp_world
+        self.seed, self.epochs = seed, epochs
+        self.capacity = max(1, shuffle_buffer) if shuffle else 1
+        self.shuffle = shuffle
+        self.epoch, self.unit_pos, self.start, self.walked, self.draws = 0, 0, None, 0, 0
+        self.buffer: list[tuple[tuple, object]] = []
+        """(record ref, record) read but not yet yielded; a record ref is (file path, position)."""
+        self.pending: tuple[tuple, int] | None = None
+        """(record ref, next chunk) while a long text's chunks are being yielded."""
+        self.stats: Counter = Counter()
+        self.skipped: list[str] = []
+        self._units: list[tuple[str, int]] | None = None
+
+    def _all_units(self) -> list[tuple[str, int]]:
+        """(file, unit) of every file, in path order; a file that cannot be opened is counted once."""
+        if self._units is None:
+            self._units = []
+            for path, f in self.files.items():
+                try:
+                    self._units += [(path, u) for u in f.units()]
+                except SampleError as e:
+                    count_skip(self, e)
+        return self._units
+
+    def _plan(self, epoch: int) -> tuple[list[tuple[str, int]], int, int]:
+        """This reader's units for ``epoch``, and the stride and first index of its records in them."""
+        reader, readers = reader_index(self.dp_rank, self.dp_world)
+        units = self._all_units()
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        shard = self.dp_rank * n_workers + worker
-        return order[shard::self.dp_world * n_workers]
+            units = [units[i] for i in torch.randperm(len(units), generator=g).tolist()]
+        if len(units) >= readers:
+            return units[reader::readers], 1, 0
+        return units, readers, reader
 
     def __iter__(self):
         while self.epochs is None or self.epoch < self.epochs:
-            order = self._shard_order(self.epoch)
-            if not order:
-                raise ValueError(f"{self.path}: {len(self.lines)} samples cannot feed "
-                                 f"{self.dp_world} ranks x workers; use fewer workers")
-            produced, full_pass = 0, self.offset == 0
-            while self.offset < len(order):
-                index = order[self.offset]
-                self.offset += 1
-                doc = self.load(index, count_skips=True)
-                if doc is not None:
+            full_pass = self.unit_pos == 0 and self.start is None and not self.buffer and not self.pending
+            produced = 0
+            if self.pending is not None:
+                ref, first_chunk = self.pending
+                for item in self._yield_docs(ref, self._read(ref), first_chunk):
                     produced += 1
-                    yield index, doc
+                    yield item
+            units, stride, first = self._plan(self.epoch)
+            while self.unit_pos < len(units):
+                path, unit = units[self.unit_pos]
+                for position, next_start, record in self._records(path, unit):
+                    self.start = next_start
+                    self.walked += 1
+                    if (self.walked - 1) % stride != first:
+                        continue
+                    self.buffer.append(((path, position), record))
+                    if len(self.buffer) >= self.capacity:
+                        for item in self._draw():
+                            produced += 1
+                            yield item
+                self.unit_pos, self.start = self.unit_pos + 1, None
+            while self.buffer:
+                for item in self._draw():
+                    produced += 1
+                    yield item
             if produced == 0 and full_pass:
-                raise ValueError(f"{self.path}: every sample of this rank's shard was skipped "
-                                 f"({dict(self.stats)}); check data.dataset={self.kind!r} and the files")
-            self.epoch, self.offset = self.epoch + 1, 0
+                raise ValueError(f"{self.path}: every sample of this rank's shard was skipped or the "
+                                 f"shard is empty ({dict(self.stats)}); check data.dataset={self.kind!r}, "
+                                 f"the files, and that there are more samples than dp ranks x workers")
+            self.epoch, self.unit_pos, self.walked, self.draws = self.epoch + 1, 0, 0, 0
 
-    def load(self, index: int, count_skips: bool = False) -> Document | None:
-        """The document of sample ``index``, or None (counted, logged) if it must be skipped."""
-        ref = f"{self.path}:{index + 1}"
+    def _records(self, path: str, unit: int):
         try:
-            return self._build(ref, self.lines[index])
+            yield from self.files[path].records(unit, self.start)
+        except SampleError as e:  # the file cannot be read on: the rest of this unit is lost
+            count_skip(self, e)
+
+    def _draw(self):
+        """Yield the documents of one buffered record, drawn at random (the oldest without shuffle)."""
+        i = 0
+        if self.shuffle:
+            reader, _ = reader_index(self.dp_rank, self.dp_world)
+            # a str seed is hashed with sha512: the same on every run and platform
+            i = random.Random(f"{self.seed}/{self.epoch}/{reader}/{self.draws}").randrange(len(self.buffer))
+        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+        ref, record = self.buffer.pop()
+        self.draws += 1
+        yield from self._yield_docs(ref, record, 0)
+
+    def _yield_docs(self, ref: tuple, record, first_chunk: int):
+        docs = self._documents(ref, record, count_skips=True)
+        for chunk in range(first_chunk, len(docs)):
+            self.pending = (ref, chunk + 1) if chunk + 1 < len(docs) else None
+            yield (ref, chunk), docs[chunk]
+        self.pending = None
+
+    def _documents(self, ref: tuple, record, count_skips: bool) -> list[Document]:
+        path, position = ref
+        try:
+            return self.decode(self.files[path].describe(position), record, os.path.dirname(path))
         except SampleError as e:
             if count_skips:
-                count_skip(self.stats, e)
-            return None
+                count_skip(self, e)
+            return []
 
-    def _build(self, ref: str, line: str) -> Document:
-        try:
-            sample = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SampleError("malformed", f"{ref}: invalid JSON ({e})") from None
-        if not isinstance(sample, dict):
-            raise SampleError("malformed", f"{ref}: a sample must be a JSON object")
-        ref = f"{ref} ({sample.get('id', 'no id')})"
-        if self.kind == "captions":
-            image, caption = sample.get("image"), sample.get("caption")
-            if not isinstance(image, str) or not isinstance(caption, str) or not caption.strip():
-                raise SampleError("malformed", f"{ref}: needs string fields 'image' and 'caption'")
-            return self.builder.caption(ref, os.path.join(self.root, image), caption)
-        if self.kind == "chat":
-            return self.builder.chat(ref, sample.get("messages"), self.root)
-        content = sample.get("content")
-        if not isinstance(content, list) or not content:
-            raise SampleError("empty", f"{ref}: needs a non-empty 'content' list")
-        return self.builder.interleaved(ref, content, self.root)
+    def _read(self, ref: tuple):
+        path, position = ref
+        return self.files[path].read(position)
+
+    def load(self, ref) -> Document | None:
+        """The document at ``ref`` = (record ref, chunk), or None if it must be skipped."""
+        record_ref, chunk = ref
+        docs = self._documents(record_ref, self._read(record_ref), count_skips=False)
+        return docs[chunk] if chunk < len(docs) else None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset, "stats": dict(self.stats)}
+        return {"epoch": self.epoch, "unit_pos": self.unit_pos, "start": self.start,
+                "walked": self.walked, "draws": self.draws, "buffer": [ref for ref, _ in self.buffer],
+                "pending": self.pending, "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict):
-        self.epoch, self.offset = state["epoch"], state["offset"]
+        self.epoch, self.unit_pos, self.start = state["epoch"], state["unit_pos"], state["start"]
+        self.walked, self.draws, self.pending = state["walked"], state["draws"], state["pending"]
+        self.buffer = [(ref, self._read(ref)) for ref in state["buffer"]]
         self.stats = Counter(state["stats"])
 
 
@@ -122,6 +214,7 @@ class ListSource:
     def __init__(self, docs: list[Document]):
         self.docs = docs
         self.stats: Counter = Counter()
+        self.skipped: list[str] = []
 
     def __iter__(self):
         yield from enumerate(self.docs)
@@ -158,6 +251,7 @@ class MixtureSource:
         self.seed, self.dp_rank = seed, dp_rank
         self.draws = 0
         self.stats: Counter = Counter()
+        self.skipped: list[str] = []
 
     def _draw(self) -> int:
         info = get_worker_info()
@@ -182,10 +276,12 @@ class MixtureSource:
             yield (i, ref), doc
 
     def _collect_skips(self):
-        """Move the sub-sources' skip counts here, where the packer reports them."""
+        """Move the sub-sources' skip counts and references here, where the packer reports them."""
         for sub in self.sources:
             self.stats.update(sub.stats)
             sub.stats.clear()
+            self.skipped = (self.skipped + sub.skipped)[-MAX_SKIPS_REPORTED:]
+            sub.skipped = []
 
     def load(self, ref) -> Document | None:
         i, sub_ref = ref

@@ -14,7 +14,6 @@ resume is exact. A sample's reference is (shard path, byte offset of its first m
 import glob
 import io
 import json
-import logging
 import os
 import tarfile
 from collections import Counter
@@ -25,8 +24,6 @@ from torch.utils.data import get_worker_info
 
 from titan_mm.data.documents import Document, DocumentBuilder, SampleError
 from titan_mm.data.sources import count_skip
-
-logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -78,6 +75,7 @@ class WebDatasetSource:
         self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
         self.epoch, self.shard_pos, self.sample_pos = 0, 0, 0
         self.stats: Counter = Counter()
+        self.skipped: list[str] = []
         self._index: tuple[str, list[TarSample], dict[int, TarSample]] | None = None
 
     def _plan(self, epoch: int) -> tuple[list[str], int, int]:
@@ -122,8 +120,7 @@ class WebDatasetSource:
             try:
                 samples = index_shard(shard)
             except (OSError, tarfile.TarError) as e:
-                self.stats["corrupt_shard"] += 1
-                logger.warning("skipping unreadable shard %s: %s", shard, e)
+                count_skip(self, SampleError("corrupt_shard", f"{shard}: unreadable shard ({e})"))
                 samples = []
             self._index = (shard, samples, {s.offset: s for s in samples})
         return self._index[1]
@@ -141,7 +138,7 @@ class WebDatasetSource:
                 return self._build(ref, f, sample)
         except SampleError as e:
             if count_skips:
-                count_skip(self.stats, e)
+                count_skip(self, e)
             return None
 
     def _build(self, ref: str, f, sample: TarSample) -> Document:

@@ -10,6 +10,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+MAX_SKIPS_SHOWN = 3
+"""Skipped samples named (reason and reference) on a progress line."""
+
 # dense bf16 peak of one device, TFLOP/s (datasheet)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0,
                "L40S": 362.0, "B200": 2250.0}
@@ -55,17 +58,20 @@ class MetricsLogger:
         self.window_tokens = 0
         self.window_flops = 0.0
         self.window_data: Counter = Counter()
+        self.window_skipped: list[str] = []
 
     def should_log(self, step: int) -> bool:
         return step == 1 or step % self.log_freq == 0 or step == self.total_steps
 
-    def record_step(self, *, tokens: int, flops: float, data_stats: dict):
-        """Host-side counts of one step on this rank (no device sync)."""
+    def record_step(self, *, tokens: int, flops: float, data_stats: dict, skipped: list[str] = ()):
+        """Host-side counts of one step on this rank (no device sync); ``skipped``: references of
+        samples skipped by this rank's loader, the latest of which the progress line names."""
         self.window_steps += 1
         self.window_tokens += tokens
         self.window_flops += flops
         self.window_data.update(data_stats)
         self.data_totals.update(data_stats)
+        self.window_skipped = (self.window_skipped + list(skipped))[-MAX_SKIPS_SHOWN:]
 
     def log(self, step: int, *, loss: float, grad_norm: float, lr: float, row_slots: int, data_totals: dict):
         """data_totals: counts since the start of the run, summed over data-parallel ranks."""
@@ -75,7 +81,7 @@ class MetricsLogger:
         mem = peak_memory_gib(self.device)
         eta = (self.total_steps - step) * elapsed / max(1, self.window_steps)
         pad = self.window_data.get("pad_tokens", 0) / max(1, row_slots * self.window_steps)
-        # "samples/NAME" and "tokens/NAME": per-source counts of a mixture, for TensorBoard only
+        # "samples/NAME" and "tokens/NAME": per-source counts of a mixture
         per_source = {k: v for k, v in data_totals.items() if "/" in k}
         skipped = {k: v for k, v in data_totals.items()
                    if k not in ("pad_tokens", "rows", "documents") and k not in per_source}
@@ -84,7 +90,11 @@ class MetricsLogger:
                  f"mem {mem:.2f}GiB", f"pad {100 * pad:.1f}%",
                  f"skipped {sum(skipped.values())}" + (f" {dict(sorted(skipped.items()))}" if skipped else ""),
                  f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
+        if per_source:
+            parts.append("sources " + source_shares(per_source))
         logger.info("  ".join(parts))
+        for ref in self.window_skipped:
+            logger.info("  skipped since the last log line: %s", ref)
         if self.writer:
             scalars = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
                        "memory_gib": mem, "pad_fraction": pad}
@@ -102,3 +112,11 @@ class MetricsLogger:
     def close(self):
         if self.writer:
             self.writer.close()
+
+
+def source_shares(per_source: dict) -> str:
+    """``NAME samples (share of tokens)`` per mixture source, e.g. ``captions 812 (31%)``."""
+    names = sorted(k.split("/", 1)[1] for k in per_source if k.startswith("samples/"))
+    total_tokens = max(1, sum(per_source.get(f"tokens/{n}", 0) for n in names))
+    return " ".join(f"{n} {per_source[f'samples/{n}']} ({100 * per_source.get(f'tokens/{n}', 0) / total_tokens:.0f}%)"
+                    for n in names)
