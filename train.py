@@ -12,18 +12,17 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from titan_mm.config import ConfigError, JobConfig, parse_args, to_toml
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.dataloader import build_dataloader
-from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.parallel.common import group_by_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
 from titan_mm.train.checkpoint import CheckpointManager
+from titan_mm.train.loss import loss_parallel_context, loss_sum
 from titan_mm.train.lr_scheduler import build_lr_scheduler
 from titan_mm.train.metrics import MetricsLogger, device_peak_tflops
 from titan_mm.train.optimizer import build_optimizer
@@ -73,7 +72,8 @@ class Trainer:
         p = cfg.parallelism
         self.parallel_dims = ParallelDims(
             dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
-            cp=1, tp=p.tensor_parallel_degree, pp=1, ulysses=1, world_size=self.world_size)
+            cp=1, tp=p.tensor_parallel_degree, pp=1, ulysses=1, world_size=self.world_size,
+            enable_loss_parallel=p.enable_loss_parallel)
         check_tensor_parallel(self.parallel_dims, spec, self.model_args, cfg)
         mesh = self.parallel_dims.build_mesh(self.device.type)
         dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
@@ -107,7 +107,7 @@ class Trainer:
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, cfg.job.dump_folder, model=model, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, dataloader=self.dataloader, train_state=self.train_state,
-            rank=self.rank, hf_adapter=spec.hf_adapter, model_args=self.model_args)
+            rank=self.rank, dp_rank=dp_rank, hf_adapter=spec.hf_adapter, model_args=self.model_args)
         self.checkpointer.load()
         self.metrics = MetricsLogger(
             log_freq=cfg.metrics.log_freq, total_steps=cfg.training.steps,
@@ -178,11 +178,12 @@ class Trainer:
     def forward_backward(self, mb: dict, num_labels: torch.Tensor) -> torch.Tensor:
         inputs = {k: mb[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
         labels = mb["labels"].to(self.device, non_blocking=True)
-        with self.autocast:
-            logits = self.model(**inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
-                               ignore_index=IGNORE_INDEX) / num_labels
-        loss.backward()
+        # loss parallelism: the loss and its backward on vocabulary-sharded logits (train/loss.py)
+        with loss_parallel_context(self.parallel_dims.loss_parallel_enabled):
+            with self.autocast:
+                logits = self.model(**inputs)
+            loss = loss_sum(logits, labels) / num_labels
+            loss.backward()
         return loss.detach()
 
 

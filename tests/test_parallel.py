@@ -76,15 +76,23 @@ def single_process_losses(tmp_path, dp_world: int, steps: int, seed: str, *overr
 
 
 LLAMA = ["--job.config_file", "train_configs/llama_debug.toml"]
+QWEN2_5_VL = ["--job.config_file", "train_configs/qwen2_5_vl_debug.toml"]
+QWEN3_VL = ["--job.config_file", "train_configs/qwen3_vl_debug.toml"]
+TP2 = ["--parallelism.tensor_parallel_degree", "2"]
+FSDP2_TP2 = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2"]
 
 
 @pytest.mark.parametrize("nproc,dp_world,model,layout", [
     (2, 2, [], ["--parallelism.data_parallel_shard_degree", "2"]),
-    (2, 1, [], ["--parallelism.tensor_parallel_degree", "2"]),
-    (4, 2, [], ["--parallelism.data_parallel_shard_degree", "2",
-                "--parallelism.tensor_parallel_degree", "2"]),
-    (2, 1, LLAMA, ["--parallelism.tensor_parallel_degree", "2"]),
-], ids=["fsdp2", "tp2", "fsdp2xtp2", "llama-tp2"])
+    (2, 1, [], TP2),
+    (4, 2, [], FSDP2_TP2),
+    (2, 1, LLAMA, TP2),
+    (2, 1, QWEN2_5_VL, TP2),
+    (4, 2, QWEN2_5_VL, FSDP2_TP2),
+    (2, 1, QWEN3_VL, TP2),
+    (4, 2, QWEN3_VL, FSDP2_TP2),
+], ids=["fsdp2", "tp2", "fsdp2xtp2", "llama-tp2", "qwen2_5_vl-tp2", "qwen2_5_vl-fsdp2xtp2", "qwen3_vl-tp2",
+        "qwen3_vl-fsdp2xtp2"])
 def test_parallel_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout):
     """Same seed checkpoint, same global batches: the per-step losses of ``nproc`` processes match one
     process that trains on what the ``dp_world`` data-parallel ranks see together."""
@@ -130,6 +138,40 @@ def test_checkpoint_saved_under_fsdp4_resumes_under_hsdp_2x2(tmp_path):
     rel = max(abs(resumed[s] - straight[s]) / abs(straight[s]) for s in (4, 5))
     print(f"FSDP(4) -> HSDP(2x2) resume, max relative loss difference at steps 4-5: {rel:.2e}")
     assert rel < 1e-5, (resumed, straight)
+
+
+def test_checkpoint_saved_under_fsdp2_resumes_under_fsdp2_x_tp2(tmp_path):
+    """Qwen3-VL: save at step 3 under FSDP(2) (2 processes), resume under FSDP(2) x TP(2) (4
+    processes): DCP reshards model and optimizer from 1-D FSDP shards to 2-D (FSDP x TP) shards. The
+    data-parallel degree (2) is unchanged and dataloader states are keyed by data-parallel rank, so
+    both tp ranks of a data rank continue its batches and steps 4-5 match the uninterrupted FSDP(2)
+    run."""
+    seed = seed_checkpoint(tmp_path, *QWEN3_VL)
+    common = [*QWEN3_VL, "--training.steps", "5", "--checkpoint.enable", "true",
+              "--checkpoint.initial_load_path", seed, "--checkpoint.interval", "3",
+              "--checkpoint.export_model_only", "false", "--parallelism.data_parallel_shard_degree", "2"]
+    straight = torchrun(2, tmp_path / "straight", *common)
+    torchrun(2, tmp_path / "resharded", *common, "--training.steps", "3")
+    resumed = torchrun(4, tmp_path / "resharded", *common, "--parallelism.tensor_parallel_degree", "2")
+    assert sorted(resumed) == [4, 5]
+    rel = max(abs(resumed[s] - straight[s]) / abs(straight[s]) for s in (4, 5))
+    print(f"FSDP(2) -> FSDP(2) x TP(2) resume, max relative loss difference at steps 4-5: {rel:.2e}")
+    assert rel < 1e-5, (resumed, straight)
+
+
+@pytest.mark.parametrize("model", [QWEN3_VL, LLAMA + ["--model.flavor", "debug-llama3"]],
+                         ids=["qwen3_vl-tied-embeddings", "llama3-untied"])
+def test_loss_parallel_gives_the_losses_of_gathered_logits(tmp_path, model):
+    """TP(2) with the loss on vocabulary-sharded logits (loss_parallel) vs on gathered logits: same
+    losses over 3 steps within 1e-6 relative, for a tied output head (the embedding table split by
+    vocabulary serves both) and an untied one."""
+    seed = seed_checkpoint(tmp_path, *model)
+    common = [*model, *TP2, "--training.steps", "3", "--checkpoint.initial_load_path", seed]
+    sharded = torchrun(2, tmp_path / "sharded", *common)
+    gathered = torchrun(2, tmp_path / "gathered", *common, "--parallelism.enable_loss_parallel", "false")
+    rel = max(abs(sharded[s] - gathered[s]) / abs(gathered[s]) for s in (1, 2, 3))
+    print(f"{model[-1]} loss parallel on vs off, max relative loss difference over 3 steps: {rel:.2e}")
+    assert rel < 1e-6, (sharded, gathered)
 
 
 def test_hsdp_with_one_shard_per_replica_matches_fsdp(tmp_path):

@@ -1,7 +1,9 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): resharding-friendly, one folder per step.
 
-A training checkpoint holds model, optimizer, LR scheduler, step, and per-rank dataloader and RNG
-states, so a resumed run continues bit-for-bit. A model-only export holds the weights alone. With the
+A training checkpoint holds model, optimizer, LR scheduler, step, and per-data-parallel-rank
+dataloader and RNG states, so a resumed run continues bit-for-bit. Those states are keyed by the
+data-parallel rank, not the global rank: the tensor-parallel ranks of one data rank read the same
+batches, and a run resumed with another tp degree (same data-parallel degree) finds its states. A model-only export holds the weights alone. With the
 family's HF adapter, a run can also start from an HF folder and write one at its last step.
 """
 
@@ -51,7 +53,7 @@ class OptimizerState(Stateful):
 
 
 class RankLocalState(Stateful):
-    """Per-rank state (dataloader position, RNG) stored under a rank-specific key."""
+    """Per-data-parallel-rank state (dataloader position, RNG) stored under a rank-specific key."""
 
     def __init__(self, get, set_):
         self.get, self.set = get, set_
@@ -78,7 +80,8 @@ def set_rng_state(state: dict):
 
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model, optimizer, lr_scheduler,
-                 dataloader, train_state: Stateful, rank: int, hf_adapter=None, model_args=None):
+                 dataloader, train_state: Stateful, rank: int, dp_rank: int, hf_adapter=None,
+                 model_args=None):
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.rank = rank
@@ -97,8 +100,8 @@ class CheckpointManager:
             "optimizer": OptimizerState(model, optimizer),
             "lr_scheduler": lr_scheduler,
             "train_state": train_state,
-            f"dataloader_rank{rank}": RankLocalState(dataloader.state_dict, dataloader.load_state_dict),
-            f"rng_rank{rank}": RankLocalState(rng_state, set_rng_state),
+            f"dataloader_dp{dp_rank}": RankLocalState(dataloader.state_dict, dataloader.load_state_dict),
+            f"rng_dp{dp_rank}": RankLocalState(rng_state, set_rng_state),
         }
 
     def step_folder(self, step: int) -> str:
