@@ -86,12 +86,12 @@ FSDP2_TP2 = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.ten
     (2, 2, [], ["--parallelism.data_parallel_shard_degree", "2"]),
     (2, 1, [], TP2),
     (4, 2, [], FSDP2_TP2),
-    (2, 1, LLAMA, TP2),
+    (2, 1, LLAMA + ["--model.flavor", "debug-llama3"], TP2),
     (2, 1, QWEN2_5_VL, TP2),
     (4, 2, QWEN2_5_VL, FSDP2_TP2),
     (2, 1, QWEN3_VL, TP2),
     (4, 2, QWEN3_VL, FSDP2_TP2),
-], ids=["fsdp2", "tp2", "fsdp2xtp2", "llama-tp2", "qwen2_5_vl-tp2", "qwen2_5_vl-fsdp2xtp2", "qwen3_vl-tp2",
+], ids=["fsdp2", "tp2", "fsdp2xtp2", "llama3-untied-tp2", "qwen2_5_vl-tp2", "qwen2_5_vl-fsdp2xtp2", "qwen3_vl-tp2",
         "qwen3_vl-fsdp2xtp2"])
 def test_parallel_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout):
     """Same seed checkpoint, same global batches: the per-step losses of ``nproc`` processes match one
@@ -121,6 +121,28 @@ def test_impossible_tensor_parallel_degree_fails_before_compute(tmp_path):
     assert fix in out.stderr, out.stderr[-3000:]
     assert re.search(r"exitcode\s*:\s*2", out.stderr), out.stderr[-3000:]
     assert "INFO training" not in out.stderr  # failed before the model was built or any step ran
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vl_tensor_parallel_sizes_cover_decoder_vit_and_patch_axis(tmp_path, family):
+    """Everything TP splits is checked up front: the ViT's heads and MLP and its sequence L
+    (data.max_patches_per_image) besides the decoder's sizes; a bad degree names the valid ones."""
+    import train
+    from titan_mm.models import get_model_spec
+    spec = get_model_spec(family)
+    args = spec.flavors["debug"]
+    cfg = make_config(tmp_path, "--job.config_file", f"train_configs/{family}_debug.toml",
+                      "--data.max_patches_per_image", "36")
+    sizes = spec.tensor_parallel_sizes(args, cfg)
+    assert sizes == {"decoder n_heads": 4, "decoder n_kv_heads": 2, "decoder ffn_hidden_dim": 768,
+                     "decoder vocab_size": 512, "training.seq_len": 512, "vision n_heads": 4,
+                     "vision ffn_hidden_dim": args.vision.ffn_hidden_dim, "data.max_patches_per_image": 36}
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=8, pp=1, ulysses=1, world_size=8)
+    with pytest.raises(ParallelismError, match=r"tp degree 8 does not divide decoder n_heads = 4; "
+                                               r"choose tp in \[1, 2, 4\]"):
+        train.check_tensor_parallel(dims, spec, args, cfg)
+    with pytest.raises(ParallelismError, match=r"tp degree 8 does not divide data.max_patches_per_image = 36"):
+        dims.check_divisible("data.max_patches_per_image", sizes["data.max_patches_per_image"], "tp")
 
 
 def test_checkpoint_saved_under_fsdp4_resumes_under_hsdp_2x2(tmp_path):

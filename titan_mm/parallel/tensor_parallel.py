@@ -68,21 +68,21 @@ def apply_tp_embeddings_and_head(decoder: nn.Module, tp_mesh: DeviceMesh, loss_p
     """Token embeddings and output head split over the vocabulary (rows of both weights).
 
     The lookup gives each rank the rows of its vocabulary slice (zeros elsewhere) and all-reduces
-    them. The head gives each rank the logits of its slice: a DTensor sharded on the last dim, left
-    so for loss parallelism, else gathered at the decoder's output. Tied embeddings use the one
-    vocabulary-split table for both: the final norm's output becomes a replicated DTensor, so the
-    decoder's F.linear with the table yields vocabulary-sharded logits. Modules a pipeline stage
-    lacks are skipped.
+    them. The decoder applies the head with F.linear on the output weight, or on the embedding table
+    when tied (no module call, so no module hooks there): the final norm hands its output on as a
+    replicated DTensor, and F.linear with the vocabulary-split weight gives each rank the logits of
+    its slice, a DTensor sharded on the last dim. That is left so for loss parallelism, else gathered
+    at the decoder's output. Modules a pipeline stage lacks are skipped.
     """
     plan = {}
     if decoder.tok_embeddings is not None:
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if decoder.output is not None:
+        # splits output.weight by rows (vocabulary); its hooks would give the same sharded logits
+        plan["output"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
     if decoder.norm is not None:
-        if decoder.output is not None:
-            plan["output"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-        else:
-            plan["norm"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Replicate(),
-                                               use_local_output=False)
+        plan["norm"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Replicate(),
+                                           use_local_output=False)
     parallelize_module(decoder, tp_mesh, plan)
     if decoder.norm is not None and not loss_parallel:
         parallelize_module(decoder, tp_mesh, PrepareModuleOutput(

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
@@ -45,11 +45,33 @@ class OptimizerState(Stateful):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
 
+    # flattened: moments and hyperparameters keyed by parameter name, not by param-group index; the
+    # groups differ between layouts (one per DTensor mesh: FSDP alone has one mesh, FSDP x TP two)
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+
     def state_dict(self):
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
 
     def load_state_dict(self, state_dict):
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
+
+
+class LRSchedulerState(Stateful):
+    """The scheduler's step count alone. Every param group follows one schedule from one peak lr,
+    and the number of groups depends on the layout (one per DTensor mesh), so LambdaLR's per-group
+    lists would not load under another layout."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR):
+        self.scheduler = scheduler
+
+    def state_dict(self):
+        return {"last_epoch": self.scheduler.last_epoch}
+
+    def load_state_dict(self, state_dict):
+        s, step = self.scheduler, state_dict["last_epoch"]
+        # the groups' current lr comes back with the optimizer state
+        s.load_state_dict({**s.state_dict(), "last_epoch": step, "_step_count": step + 1,
+                           "_last_lr": [base * fn(step) for base, fn in zip(s.base_lrs, s.lr_lambdas)]})
 
 
 class RankLocalState(Stateful):
@@ -98,7 +120,7 @@ class CheckpointManager:
         self.states = {
             "model": ModelState(model),
             "optimizer": OptimizerState(model, optimizer),
-            "lr_scheduler": lr_scheduler,
+            "lr_scheduler": LRSchedulerState(lr_scheduler),
             "train_state": train_state,
             f"dataloader_dp{dp_rank}": RankLocalState(dataloader.state_dict, dataloader.load_state_dict),
             f"rng_dp{dp_rank}": RankLocalState(rng_state, set_rng_state),
