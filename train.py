@@ -13,20 +13,20 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from titan_mm.config import ConfigError, JobConfig, parse_args, to_toml
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.dataloader import build_dataloader
-from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.data.tokenizer import Tokenizer
+from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.models import ModelSpec, get_model_spec
-from titan_mm.parallel.common import group_by_mesh
 from titan_mm.models.attention import resolve_backend
+from titan_mm.parallel.common import group_by_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
 from titan_mm.parallel.sequence import SequenceParallel, check_sequence_parallel, shard_batch
 from titan_mm.train.checkpoint import CheckpointManager
+from titan_mm.train.loss import loss_parallel_context, loss_sum
 from titan_mm.train.lr_scheduler import build_lr_scheduler
 from titan_mm.train.metrics import MetricsLogger, device_peak_tflops
 from titan_mm.train.optimizer import build_optimizer
@@ -77,7 +77,7 @@ class Trainer:
         self.parallel_dims = ParallelDims(
             dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
             cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=1, ulysses=p.ulysses_degree,
-            world_size=self.world_size)
+            world_size=self.world_size, enable_loss_parallel=p.enable_loss_parallel)
         check_tensor_parallel(self.parallel_dims, spec, self.model_args, cfg)
         backend = resolve_backend(cfg.model.attention_backend, self.device.type)
         check_sequence_parallel(self.parallel_dims, self.model_args.decoder, cfg.training.seq_len,
@@ -120,7 +120,7 @@ class Trainer:
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, cfg.job.dump_folder, model=model, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, dataloader=self.dataloader, train_state=self.train_state,
-            rank=self.rank, hf_adapter=spec.hf_adapter, model_args=self.model_args)
+            rank=self.rank, dp_rank=dp_rank, hf_adapter=spec.hf_adapter, model_args=self.model_args)
         self.checkpointer.load()
         self.metrics = MetricsLogger(
             log_freq=cfg.metrics.log_freq, total_steps=cfg.training.steps,
@@ -197,17 +197,17 @@ class Trainer:
     def forward_backward(self, mb: dict, num_labels: torch.Tensor) -> torch.Tensor:
         inputs = {k: mb[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
         labels = mb["labels"].to(self.device, non_blocking=True)
-        with self.autocast:
+        # loss parallelism: the loss and its backward on vocabulary-sharded logits (train/loss.py)
+        with loss_parallel_context(self.parallel_dims.loss_parallel_enabled):
             if self.parallel_dims.tp_enabled:
-                # tensor-parallel output head: the loss over the logits it returns
-                logits = self.model(**inputs)
-                loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
-                                           ignore_index=IGNORE_INDEX)
+                with self.autocast:
+                    logits = self.model(**inputs)
+                loss = loss_sum(logits, labels) / num_labels
             else:
-                # output projection + cross-entropy fused in chunks inside the model
-                loss_sum = self.model(**inputs, labels=labels)
-        loss = loss_sum / num_labels
-        loss.backward()
+                # output head + cross-entropy fused in chunks inside the model (models/loss.py)
+                with self.autocast:
+                    loss = self.model(**inputs, labels=labels) / num_labels
+            loss.backward()
         return loss.detach()
 
 

@@ -38,6 +38,8 @@ def test_unknown_section_and_override():
     ("checkpoint.enable", "maybe", "expects true or false"),
     ("lr_scheduler.decay_type", "exp", "is not one of"),
     ("lr_scheduler.min_lr_ratio", "2", r"must be in \[0, 1\]"),
+    ("activation_checkpoint.mode", "some", "is not one of"),
+    ("activation_checkpoint.selective_ac_option", "0", r'must be "op" or an integer >= 1'),
 ])
 def test_wrong_type_or_impossible_value(arg, value, message):
     with pytest.raises(ConfigError, match=f"{arg}.*{message}|{message}"):

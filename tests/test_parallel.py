@@ -76,16 +76,21 @@ def single_process_losses(tmp_path, dp_world: int, steps: int, seed: str, *overr
 
 
 LLAMA = ["--job.config_file", "train_configs/llama_debug.toml"]
-QWEN3_VL = ["--job.config_file", "train_configs/qwen3_vl_debug.toml"]
 QWEN2_5_VL = ["--job.config_file", "train_configs/qwen2_5_vl_debug.toml"]
+QWEN3_VL = ["--job.config_file", "train_configs/qwen3_vl_debug.toml"]
+TP2 = ["--parallelism.tensor_parallel_degree", "2"]
+FSDP2_TP2 = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2"]
 
 
 @pytest.mark.parametrize("nproc,dp_world,model,layout", [
     (2, 2, [], ["--parallelism.data_parallel_shard_degree", "2"]),
-    (2, 1, [], ["--parallelism.tensor_parallel_degree", "2"]),
-    (4, 2, [], ["--parallelism.data_parallel_shard_degree", "2",
-                "--parallelism.tensor_parallel_degree", "2"]),
-    (2, 1, LLAMA, ["--parallelism.tensor_parallel_degree", "2"]),
+    (2, 1, [], TP2),
+    (4, 2, [], FSDP2_TP2),
+    (2, 1, LLAMA + ["--model.flavor", "debug-llama3"], TP2),
+    (2, 1, QWEN2_5_VL, TP2),
+    (4, 2, QWEN2_5_VL, FSDP2_TP2),
+    (2, 1, QWEN3_VL, TP2),
+    (4, 2, QWEN3_VL, FSDP2_TP2),
     (2, 1, [], ["--parallelism.context_parallel_degree", "2"]),
     (2, 1, [], ["--parallelism.ulysses_degree", "2"]),
     (4, 2, [], ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree", "2"]),
@@ -93,8 +98,9 @@ QWEN2_5_VL = ["--job.config_file", "train_configs/qwen2_5_vl_debug.toml"]
     (4, 2, [], ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.ulysses_degree", "2"]),
     (2, 1, QWEN3_VL, ["--parallelism.context_parallel_degree", "2"]),
     (2, 1, QWEN2_5_VL, ["--parallelism.ulysses_degree", "2"]),
-], ids=["fsdp2", "tp2", "fsdp2xtp2", "llama-tp2", "cp2", "ulysses2", "fsdp2xcp2", "cp2xtp2",
-        "fsdp2xulysses2", "qwen3_vl-cp2", "qwen2_5_vl-ulysses2"])
+], ids=["fsdp2", "tp2", "fsdp2xtp2", "llama3-untied-tp2", "qwen2_5_vl-tp2", "qwen2_5_vl-fsdp2xtp2", "qwen3_vl-tp2",
+        "qwen3_vl-fsdp2xtp2", "cp2", "ulysses2", "fsdp2xcp2", "cp2xtp2", "fsdp2xulysses2", "qwen3_vl-cp2",
+        "qwen2_5_vl-ulysses2"])
 def test_parallel_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout):
     """Same seed checkpoint, same global batches: the per-step losses of ``nproc`` processes match one
     process that trains on what the ``dp_world`` data-parallel ranks see together."""
@@ -125,6 +131,28 @@ def test_impossible_tensor_parallel_degree_fails_before_compute(tmp_path):
     assert "INFO training" not in out.stderr  # failed before the model was built or any step ran
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vl_tensor_parallel_sizes_cover_decoder_vit_and_patch_axis(tmp_path, family):
+    """Everything TP splits is checked up front: the ViT's heads and MLP and its sequence L
+    (data.max_patches_per_image) besides the decoder's sizes; a bad degree names the valid ones."""
+    import train
+    from titan_mm.models import get_model_spec
+    spec = get_model_spec(family)
+    args = spec.flavors["debug"]
+    cfg = make_config(tmp_path, "--job.config_file", f"train_configs/{family}_debug.toml",
+                      "--data.max_patches_per_image", "36")
+    sizes = spec.tensor_parallel_sizes(args, cfg)
+    assert sizes == {"decoder n_heads": 4, "decoder n_kv_heads": 2, "decoder ffn_hidden_dim": 768,
+                     "decoder vocab_size": 512, "training.seq_len": 512, "vision n_heads": 4,
+                     "vision ffn_hidden_dim": args.vision.ffn_hidden_dim, "data.max_patches_per_image": 36}
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=8, pp=1, ulysses=1, world_size=8)
+    with pytest.raises(ParallelismError, match=r"tp degree 8 does not divide decoder n_heads = 4; "
+                                               r"choose tp in \[1, 2, 4\]"):
+        train.check_tensor_parallel(dims, spec, args, cfg)
+    with pytest.raises(ParallelismError, match=r"tp degree 8 does not divide data.max_patches_per_image = 36"):
+        dims.check_divisible("data.max_patches_per_image", sizes["data.max_patches_per_image"], "tp")
+
+
 def test_checkpoint_saved_under_fsdp4_resumes_under_hsdp_2x2(tmp_path):
     """Save at step 3 under FSDP(4), resume under HSDP (2 replicas x 2 shards): DCP reshards model
     and optimizer; the data-parallel degree (4) is unchanged, so the batches continue exactly and
@@ -140,6 +168,40 @@ def test_checkpoint_saved_under_fsdp4_resumes_under_hsdp_2x2(tmp_path):
     rel = max(abs(resumed[s] - straight[s]) / abs(straight[s]) for s in (4, 5))
     print(f"FSDP(4) -> HSDP(2x2) resume, max relative loss difference at steps 4-5: {rel:.2e}")
     assert rel < 1e-5, (resumed, straight)
+
+
+def test_checkpoint_saved_under_fsdp2_resumes_under_fsdp2_x_tp2(tmp_path):
+    """Qwen3-VL: save at step 3 under FSDP(2) (2 processes), resume under FSDP(2) x TP(2) (4
+    processes): DCP reshards model and optimizer from 1-D FSDP shards to 2-D (FSDP x TP) shards. The
+    data-parallel degree (2) is unchanged and dataloader states are keyed by data-parallel rank, so
+    both tp ranks of a data rank continue its batches and steps 4-5 match the uninterrupted FSDP(2)
+    run."""
+    seed = seed_checkpoint(tmp_path, *QWEN3_VL)
+    common = [*QWEN3_VL, "--training.steps", "5", "--checkpoint.enable", "true",
+              "--checkpoint.initial_load_path", seed, "--checkpoint.interval", "3",
+              "--checkpoint.export_model_only", "false", "--parallelism.data_parallel_shard_degree", "2"]
+    straight = torchrun(2, tmp_path / "straight", *common)
+    torchrun(2, tmp_path / "resharded", *common, "--training.steps", "3")
+    resumed = torchrun(4, tmp_path / "resharded", *common, "--parallelism.tensor_parallel_degree", "2")
+    assert sorted(resumed) == [4, 5]
+    rel = max(abs(resumed[s] - straight[s]) / abs(straight[s]) for s in (4, 5))
+    print(f"FSDP(2) -> FSDP(2) x TP(2) resume, max relative loss difference at steps 4-5: {rel:.2e}")
+    assert rel < 1e-5, (resumed, straight)
+
+
+@pytest.mark.parametrize("model", [QWEN3_VL, LLAMA + ["--model.flavor", "debug-llama3"]],
+                         ids=["qwen3_vl-tied-embeddings", "llama3-untied"])
+def test_loss_parallel_gives_the_losses_of_gathered_logits(tmp_path, model):
+    """TP(2) with the loss on vocabulary-sharded logits (loss_parallel) vs on gathered logits: same
+    losses over 3 steps within 1e-6 relative, for a tied output head (the embedding table split by
+    vocabulary serves both) and an untied one."""
+    seed = seed_checkpoint(tmp_path, *model)
+    common = [*model, *TP2, "--training.steps", "3", "--checkpoint.initial_load_path", seed]
+    sharded = torchrun(2, tmp_path / "sharded", *common)
+    gathered = torchrun(2, tmp_path / "gathered", *common, "--parallelism.enable_loss_parallel", "false")
+    rel = max(abs(sharded[s] - gathered[s]) / abs(gathered[s]) for s in (1, 2, 3))
+    print(f"{model[-1]} loss parallel on vs off, max relative loss difference over 3 steps: {rel:.2e}")
+    assert rel < 1e-6, (sharded, gathered)
 
 
 def test_hsdp_with_one_shard_per_replica_matches_fsdp(tmp_path):

@@ -199,7 +199,13 @@ class Parallelism:
     tensor_parallel_degree: int = 1
     """Tensor parallelism with sequence parallelism inside the transformer blocks (ViT and decoder):
     ranks of a tp group see the same data and split heads, MLP units and the sequence. Must divide
-    the head counts, the MLP widths, training.seq_len and data.max_patches_per_image."""
+    the head counts, the MLP widths, the vocabulary size, training.seq_len and
+    data.max_patches_per_image."""
+    enable_loss_parallel: bool = True
+    """With tensor_parallel_degree > 1: the output head leaves each tp rank the logits of its slice of
+    the vocabulary and cross-entropy runs on those slices (torch's loss_parallel), so the full
+    [batch, seq_len, vocab] logits never exist on one rank. false = gather the logits first (same
+    losses, more memory and communication)."""
     context_parallel_degree: int = 1
     """Context parallelism for the decoder: each row is cut into 2 x cp chunks, rank r of the group
     keeps chunks r and 2cp-1-r (balanced causal work); attention all-gathers keys and values.
@@ -219,8 +225,16 @@ class Compile:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: Literal["none", "full"] = "none"
-    """Recompute each transformer block's activations in backward (full) or keep them (none)."""
+    mode: Literal["none", "full", "selective"] = "none"
+    """Activation checkpointing of the transformer blocks (ViT and decoder): none = keep every
+    activation for backward; full = keep only each block's input and recompute the block in
+    backward; selective = as selective_ac_option says."""
+    selective_ac_option: str = "2"
+    """mode = "selective": an integer k = full checkpointing of every k-th block (blocks k, 2k, ...
+    of the ViT and of the decoder; the others keep their activations); "op" = per-op selective
+    checkpointing of every block: the outputs of matmuls (all but every second one), attention and
+    tensor-parallel reduce-scatters are kept, cheap ops (norms, activations, rotary, casts) are
+    recomputed."""
 
 
 @dataclass
@@ -278,6 +292,10 @@ def _check_values(cfg: JobConfig) -> list[str]:
         errors.append("parallelism.data_parallel_shard_degree must be -1 (all ranks) or >= 1")
     if cfg.parallelism.data_parallel_replicate_degree < 1:
         errors.append("parallelism.data_parallel_replicate_degree must be >= 1")
+    option = cfg.activation_checkpoint.selective_ac_option
+    if option != "op" and not (option.isdigit() and int(option) >= 1):
+        errors.append(f"activation_checkpoint.selective_ac_option = {option!r} must be \"op\" or an "
+                      f"integer >= 1 (checkpoint every k-th block)")
     return errors
 
 

@@ -6,15 +6,23 @@ import torch
 
 
 class HFAdapter:
-    """Maps state-dict keys between titan_mm and HF by renames only, so the mapping also applies
-    to sharded (DTensor) state dicts and HF weights load rank by rank.
+    """Maps state-dict keys between titan_mm and HF by renames, so the mapping also applies to
+    sharded (DTensor) state dicts and HF weights load rank by rank; and, for the few HF tensors that
+    fuse several of ours (a ViT's qkv projection), concatenates and splits along dim 0.
 
     Subclasses set ``key_map``: a list of (titan_mm regex, HF template) pairs written with named
     groups, e.g. (r"decoder\\.layers\\.(?P<i>\\d+)\\.attention\\.wq\\.(?P<p>weight|bias)",
-    "model.language_model.layers.{i}.self_attn.q_proj.{p}"); and implement the two config methods.
+    "model.language_model.layers.{i}.self_attn.q_proj.{p}"); optionally ``fused_key_map``; and
+    implement the two config methods.
     """
 
     key_map: list[tuple[str, str]] = []
+    fused_key_map: list[tuple[str, str, tuple[str, ...]]] = []
+    """HF tensors that are several of ours of equal shape concatenated along dim 0: (titan_mm regex
+    with a named group ``part``, HF template, the values of ``part`` in HF's order), e.g.
+    (r"vision\\.layers\\.(?P<i>\\d+)\\.attn\\.(?P<part>q|k|v)_proj\\.(?P<p>weight|bias)",
+    "visual.blocks.{i}.attn.qkv.{p}", ("q", "k", "v")). Tensor parallelism splits q, k and v by
+    heads, which a fused tensor's contiguous shards would not do."""
     hf_prefix_aliases: list[tuple[str, str]] = []
     """(prefix of names key_map writes, prefix other writers give the same tensors), tried in order
     for names a checkpoint lacks: e.g. transformers 5 saves a SigLIP2 tower without 'vision_model.'."""
@@ -28,11 +36,41 @@ class HFAdapter:
         raise NotImplementedError
 
     def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self._rename(k, self._to_hf): v for k, v in state_dict.items()}
+        """HF names and tensors; fused ones are concatenated, so pass full (not sharded) tensors
+        when the model has any (``rename_to_hf`` leaves them out)."""
+        out = self.rename_to_hf(state_dict)
+        for hf_key, parts in self.fused_parts(state_dict).items():
+            out[hf_key] = torch.cat([state_dict[k] for k in parts])
+        return out
+
+    def rename_to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """to_hf of the keys that map one to one (works on sharded state dicts)."""
+        return {self._rename(k, self._to_hf): v for k, v in state_dict.items() if not self._fused_rule(k)}
 
     def from_hf(self, hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self._rename(k, self._from_hf): v for k, v in hf_state_dict.items()
-                if not self.ignored_hf_key(k)}
+        out = {}
+        for k, v in hf_state_dict.items():
+            if self.ignored_hf_key(k):
+                continue
+            fused = self._split_rule(k)
+            if fused is None:
+                out[self._rename(k, self._from_hf)] = v
+                continue
+            template, names = fused
+            for name, part in zip(names, v.chunk(len(names))):
+                out[template.format(part=name)] = part
+        return out
+
+    def fused_parts(self, state_dict: dict) -> dict[str, list[str]]:
+        """{HF key: our keys in HF's order} of the fused tensors among ``state_dict``'s keys."""
+        out: dict[str, list[str]] = {}
+        for k in state_dict:
+            rule = self._fused_rule(k)
+            if rule is not None:
+                (pattern, template, names), m = rule
+                groups = {g: v for g, v in m.groupdict().items() if g != "part"}
+                out.setdefault(template.format(**groups), [None] * len(names))[names.index(m["part"])] = k
+        return out
 
     def stored_name(self, hf_key: str, available: set[str]) -> str:
         """``hf_key`` as a checkpoint holding the names ``available`` spells it (unchanged when no
@@ -47,6 +85,21 @@ class HFAdapter:
     def ignored_hf_key(self, key: str) -> bool:
         """HF keys with no titan_mm counterpart (e.g. a tied lm_head.weight)."""
         return False
+
+    def _fused_rule(self, key: str):
+        for rule in self.fused_key_map:
+            m = re.match(rule[0] + "$", key)
+            if m:
+                return rule, m
+        return None
+
+    def _split_rule(self, hf_key: str):
+        """(our template with a {part} field, part names) for a fused HF key, else None."""
+        for ours, theirs, names in self.fused_key_map:
+            m = re.match(_template_to_regex(theirs) + "$", hf_key)
+            if m:
+                return _regex_to_template(ours).replace("{part}", "{{part}}").format(**m.groupdict()), names
+        return None
 
     @property
     def _to_hf(self):

@@ -1,7 +1,9 @@
 """Read and write HF safetensors checkpoints through a family's HFAdapter.
 
-Loading goes through DCP's HuggingFaceStorageReader into the model's own (possibly FSDP-sharded)
-state dict, so each rank reads only its shards and no second full copy is held. Export gathers
+Loading goes through DCP's HuggingFaceStorageReader into the model's own (possibly sharded) state
+dict, so each rank reads only its shards and no second full copy is held. The exception are HF
+tensors that fuse several of ours (a ViT's qkv): a rank's q, k and v shards are not one block of
+them, so each rank reads them whole, splits them and keeps its shards. Export gathers
 full tensors to CPU and writes sharded safetensors with model.safetensors.index.json and config.json.
 """
 
@@ -22,12 +24,20 @@ from titan_mm.hf.adapter import HFAdapter
 
 def load_hf_weights(model: torch.nn.Module, adapter: HFAdapter, folder: str):
     state_dict = get_model_state_dict(model)
-    hf_state_dict = adapter.to_hf(state_dict)
+    hf_state_dict = adapter.rename_to_hf(state_dict)
+    # fused HF tensors are read whole into CPU buffers of their full shape
+    fused = {hf_key: torch.empty((sum(state_dict[k].shape[0] for k in parts), *state_dict[parts[0]].shape[1:]),
+                                 dtype=state_dict[parts[0]].dtype)
+             for hf_key, parts in adapter.fused_parts(state_dict).items()}
     available = hf_folder_names(folder)
     # the same tensors under the names this folder uses; DCP reads into them in place
-    as_stored = {adapter.stored_name(k, available): v for k, v in hf_state_dict.items()}
+    as_stored = {adapter.stored_name(k, available): v for k, v in {**hf_state_dict, **fused}.items()}
     dcp.load(as_stored, storage_reader=dcp.HuggingFaceStorageReader(folder))
-    set_model_state_dict(model, adapter.from_hf(hf_state_dict))
+    set_model_state_dict(model, adapter.from_hf(hf_state_dict), options=StateDictOptions(strict=not fused))
+    if fused:
+        # full tensors: set_model_state_dict keeps each rank's shard of them
+        set_model_state_dict(model, adapter.from_hf(fused),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def hf_folder_names(folder: str) -> set[str]:
@@ -85,7 +95,9 @@ def load_hf_state_dict(model: torch.nn.Module, adapter: HFAdapter, hf_state_dict
     mapping, picking only the tensors the model has (a tied lm_head.weight, SigLIP2's pooling head
     and the like are left out)."""
     available = set(hf_state_dict)
-    stored = {k: adapter.stored_name(k, available) for k in adapter.to_hf(get_model_state_dict(model))}
+    state_dict = get_model_state_dict(model)
+    hf_keys = [*adapter.rename_to_hf(state_dict), *adapter.fused_parts(state_dict)]
+    stored = {k: adapter.stored_name(k, available) for k in hf_keys}
     missing = sorted(v for v in stored.values() if v not in available)
     if missing:
         raise KeyError(f"the HF state dict lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")

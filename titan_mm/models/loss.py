@@ -10,7 +10,8 @@ incoming gradient. Peak extra memory is one chunk of logits; no matmul is recomp
 
 import torch
 
-IGNORE_INDEX = -100
+from titan_mm.data.packing import IGNORE_INDEX
+
 CHUNK_TOKENS = 2048
 """Tokens per chunk: 2048 x 152k vocab = 1.2 GB of fp32 logits at a time."""
 

@@ -2,16 +2,9 @@
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-
-def apply_activation_checkpointing(blocks: nn.ModuleDict):
-    """Recompute each block's activations in backward."""
-    for name, block in blocks.items():
-        blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(blocks: nn.ModuleDict):

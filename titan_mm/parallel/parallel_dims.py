@@ -23,6 +23,8 @@ class ParallelDims:
     pp: int
     ulysses: int
     world_size: int
+    enable_loss_parallel: bool = True
+    """With tp > 1: compute the loss on vocabulary-sharded logits instead of gathering them."""
 
     def __post_init__(self):
         for name in ("dp_replicate", "cp", "tp", "pp", "ulysses"):
@@ -57,6 +59,10 @@ class ParallelDims:
     @property
     def tp_enabled(self) -> bool:
         return self.tp > 1
+
+    @property
+    def loss_parallel_enabled(self) -> bool:
+        return self.tp_enabled and self.enable_loss_parallel
 
     @property
     def cp_enabled(self) -> bool:

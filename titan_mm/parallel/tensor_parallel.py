@@ -3,9 +3,14 @@
 Inside a block the residual stream is split along the sequence over the tp ranks: the norms run on
 their sequence slice (SequenceParallel), attention and MLP all-gather it, split the heads / hidden
 units (colwise in-projections), and reduce-scatter back to sequence slices (rowwise out-projection).
-Between blocks the stream is whole on every tp rank, so embeddings, the projector, image scattering,
-DeepStack additions and the output head stay single-device code with replicated weights (identical
-inputs give identical gradients, so they need no reduction). The loss is not tensor-parallel.
+Between blocks the stream is whole on every tp rank, so the projector / mergers, image scattering,
+DeepStack additions and the final norm stay single-device code with replicated weights (identical
+inputs give identical gradients, so they need no reduction). The token embeddings and the output
+head are split over the vocabulary (``apply_tp_embeddings_and_head``); with loss parallelism the
+loss is computed on each rank's vocabulary slice of the logits (titan_mm/train/loss.py).
+
+Family-specific ViT plans (Qwen2.5-VL, Qwen3-VL) live in the family's parallelize.py and use
+``parallelize_block``.
 """
 
 from torch import nn
@@ -37,7 +42,7 @@ def apply_tp_decoder(blocks: nn.ModuleDict, tp_mesh: DeviceMesh, qk_norm: bool):
         plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     for block in blocks.values():
-        _parallelize_block(block, tp_mesh, plan, n_extra_inputs=3)
+        parallelize_block(block, tp_mesh, plan, n_extra_inputs=3)
 
 
 def apply_tp_vision(blocks: nn.ModuleDict, tp_mesh: DeviceMesh):
@@ -56,10 +61,37 @@ def apply_tp_vision(blocks: nn.ModuleDict, tp_mesh: DeviceMesh):
         "mlp.fc2": RowwiseParallel(output_layouts=Shard(1)),
     }
     for block in blocks.values():
-        _parallelize_block(block, tp_mesh, plan, n_extra_inputs=1)
+        parallelize_block(block, tp_mesh, plan, n_extra_inputs=1)
 
 
-def _parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, plan: dict, n_extra_inputs: int):
+def apply_tp_embeddings_and_head(decoder: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool):
+    """Token embeddings and output head split over the vocabulary (rows of both weights).
+
+    The lookup gives each rank the rows of its vocabulary slice (zeros elsewhere) and all-reduces
+    them. The decoder applies the head with F.linear on the output weight, or on the embedding table
+    when tied (no module call, so no module hooks there): the final norm hands its output on as a
+    replicated DTensor, and F.linear with the vocabulary-split weight gives each rank the logits of
+    its slice, a DTensor sharded on the last dim. That is left so for loss parallelism, else gathered
+    at the decoder's output. Modules a pipeline stage lacks are skipped.
+    """
+    plan = {}
+    if decoder.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if decoder.output is not None:
+        # splits output.weight by rows (vocabulary); its hooks would give the same sharded logits
+        plan["output"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    if decoder.norm is not None:
+        plan["norm"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Replicate(),
+                                           use_local_output=False)
+    parallelize_module(decoder, tp_mesh, plan)
+    if decoder.norm is not None and not loss_parallel:
+        parallelize_module(decoder, tp_mesh, PrepareModuleOutput(
+            output_layouts=Shard(-1), desired_output_layouts=Replicate(), use_local_output=True))
+
+
+def parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, plan: dict, n_extra_inputs: int):
+    """Apply ``plan`` to a block whose forward takes the residual stream plus ``n_extra_inputs``
+    tensors that are not split (rotary tables, masks)."""
     parallelize_module(block, tp_mesh, plan)
     extra = (None,) * n_extra_inputs
     # the stream enters whole and leaves whole: cut it to this rank's sequence slice on the way in

@@ -1,7 +1,9 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): resharding-friendly, one folder per step.
 
-A training checkpoint holds model, optimizer, LR scheduler, step, and per-rank dataloader and RNG
-states, so a resumed run continues bit-for-bit. A model-only export holds the weights alone. With the
+A training checkpoint holds model, optimizer, LR scheduler, step, and per-data-parallel-rank
+dataloader and RNG states, so a resumed run continues bit-for-bit. Those states are keyed by the
+data-parallel rank, not the global rank: the tensor-parallel ranks of one data rank read the same
+batches, and a run resumed with another tp degree (same data-parallel degree) finds its states. A model-only export holds the weights alone. With the
 family's HF adapter, a run can also start from an HF folder and write one at its last step.
 """
 
@@ -14,7 +16,7 @@ import time
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
@@ -43,15 +45,37 @@ class OptimizerState(Stateful):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
 
+    # flattened: moments and hyperparameters keyed by parameter name, not by param-group index; the
+    # groups differ between layouts (one per DTensor mesh: FSDP alone has one mesh, FSDP x TP two)
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+
     def state_dict(self):
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
 
     def load_state_dict(self, state_dict):
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
+
+
+class LRSchedulerState(Stateful):
+    """The scheduler's step count alone. Every param group follows one schedule from one peak lr,
+    and the number of groups depends on the layout (one per DTensor mesh), so LambdaLR's per-group
+    lists would not load under another layout."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR):
+        self.scheduler = scheduler
+
+    def state_dict(self):
+        return {"last_epoch": self.scheduler.last_epoch}
+
+    def load_state_dict(self, state_dict):
+        s, step = self.scheduler, state_dict["last_epoch"]
+        # the groups' current lr comes back with the optimizer state
+        s.load_state_dict({**s.state_dict(), "last_epoch": step, "_step_count": step + 1,
+                           "_last_lr": [base * fn(step) for base, fn in zip(s.base_lrs, s.lr_lambdas)]})
 
 
 class RankLocalState(Stateful):
-    """Per-rank state (dataloader position, RNG) stored under a rank-specific key."""
+    """Per-data-parallel-rank state (dataloader position, RNG) stored under a rank-specific key."""
 
     def __init__(self, get, set_):
         self.get, self.set = get, set_
@@ -78,7 +102,8 @@ def set_rng_state(state: dict):
 
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model, optimizer, lr_scheduler,
-                 dataloader, train_state: Stateful, rank: int, hf_adapter=None, model_args=None):
+                 dataloader, train_state: Stateful, rank: int, dp_rank: int, hf_adapter=None,
+                 model_args=None):
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.rank = rank
@@ -95,10 +120,10 @@ class CheckpointManager:
         self.states = {
             "model": ModelState(model),
             "optimizer": OptimizerState(model, optimizer),
-            "lr_scheduler": lr_scheduler,
+            "lr_scheduler": LRSchedulerState(lr_scheduler),
             "train_state": train_state,
-            f"dataloader_rank{rank}": RankLocalState(dataloader.state_dict, dataloader.load_state_dict),
-            f"rng_rank{rank}": RankLocalState(rng_state, set_rng_state),
+            f"dataloader_dp{dp_rank}": RankLocalState(dataloader.state_dict, dataloader.load_state_dict),
+            f"rng_dp{dp_rank}": RankLocalState(rng_state, set_rng_state),
         }
 
     def step_folder(self, step: int) -> str:

@@ -6,10 +6,11 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from titan_mm.config import ActivationCheckpoint, Compile
 from titan_mm.models.llama.model import TextModel
-from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile, apply_fsdp, fsdp_mesh
+from titan_mm.parallel.activation_checkpoint import apply_activation_checkpointing
+from titan_mm.parallel.common import apply_compile, apply_fsdp, fsdp_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims
 from titan_mm.parallel.sequence import apply_sequence_parallel
-from titan_mm.parallel.tensor_parallel import apply_tp_decoder
+from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_embeddings_and_head
 
 
 def parallelize_llama(model: TextModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
@@ -18,8 +19,8 @@ def parallelize_llama(model: TextModel, parallel_dims: ParallelDims, mesh: Devic
     blocks = model.decoder.layers
     if parallel_dims.tp_enabled:
         apply_tp_decoder(blocks, mesh["tp"], model.args.decoder.qk_norm)
-    if ac_cfg.mode == "full":
-        apply_activation_checkpointing(blocks)
+        apply_tp_embeddings_and_head(model.decoder, mesh["tp"], parallel_dims.loss_parallel_enabled)
+    apply_activation_checkpointing(blocks, ac_cfg)
     if compile_cfg.enable:
         apply_compile(blocks)
     if parallel_dims.fsdp_enabled:
@@ -28,7 +29,9 @@ def parallelize_llama(model: TextModel, parallel_dims: ParallelDims, mesh: Devic
 
 
 def tensor_parallel_sizes(args, cfg) -> dict[str, int]:
-    """What tensor parallelism splits: heads, MLP units, and the sequence (sequence parallelism)."""
+    """What tensor parallelism splits: heads, MLP units, the vocabulary (embeddings and output head)
+    and the sequence (sequence parallelism)."""
     d = args.decoder
     return {"decoder n_heads": d.n_heads, "decoder n_kv_heads": d.n_kv_heads,
-            "decoder ffn_hidden_dim": d.ffn_hidden_dim, "training.seq_len": cfg.training.seq_len}
+            "decoder ffn_hidden_dim": d.ffn_hidden_dim, "decoder vocab_size": d.vocab_size,
+            "training.seq_len": cfg.training.seq_len}

@@ -7,10 +7,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from titan_mm.config import ActivationCheckpoint, Compile
 from titan_mm.models.llama.parallelize import tensor_parallel_sizes as decoder_tensor_parallel_sizes
 from titan_mm.models.llava.model import LlavaModel
-from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile, apply_fsdp, fsdp_mesh
+from titan_mm.parallel.activation_checkpoint import apply_activation_checkpointing
+from titan_mm.parallel.common import apply_compile, apply_fsdp, fsdp_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims
 from titan_mm.parallel.sequence import apply_sequence_parallel
-from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_vision
+from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_embeddings_and_head, apply_tp_vision
 
 
 def parallelize_llava(model: LlavaModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
@@ -20,9 +21,9 @@ def parallelize_llava(model: LlavaModel, parallel_dims: ParallelDims, mesh: Devi
     if parallel_dims.tp_enabled:
         apply_tp_vision(model.vision.layers, mesh["tp"])
         apply_tp_decoder(model.decoder.layers, mesh["tp"], model.args.decoder.qk_norm)
-    if ac_cfg.mode == "full":
-        for blocks in block_groups:
-            apply_activation_checkpointing(blocks)
+        apply_tp_embeddings_and_head(model.decoder, mesh["tp"], parallel_dims.loss_parallel_enabled)
+    for blocks in block_groups:
+        apply_activation_checkpointing(blocks, ac_cfg)
     if compile_cfg.enable:
         for blocks in block_groups:
             apply_compile(blocks)

@@ -1,7 +1,8 @@
 """Qwen2.5-VL <-> HF Qwen2_5_VLForConditionalGeneration checkpoints: key renames and config.json.
 
 Every tensor keeps HF's shape (the patch embedding is stored like HF's Conv3d weight and flattened in
-forward; the ViT's q/k/v stay one fused Linear), so the mapping is renames only. Keys are those of
+forward), so the mapping is renames, except the ViT's fused qkv, which is our q/k/v_proj
+concatenated. Keys are those of
 the released checkpoint files, which transformers' save_pretrained also writes (``visual.*``,
 ``model.layers.*``, ``lm_head``); transformers renames them to its module names when loading.
 """
@@ -24,7 +25,7 @@ class Qwen2_5_VLAdapter(HFAdapter):
     key_map = [
         (r"vision\.patch_embed\.weight", "visual.patch_embed.proj.weight"),
         (rf"{_VIT}\.(?P<n>norm1|norm2)\.weight", _HF_VIT + ".{n}.weight"),
-        (rf"{_VIT}\.attn\.(?P<n>qkv|proj)\.{_P}", _HF_VIT + ".attn.{n}.{p}"),
+        (rf"{_VIT}\.attn\.proj\.{_P}", _HF_VIT + ".attn.proj.{p}"),
         (rf"{_VIT}\.mlp\.(?P<n>gate_proj|up_proj|down_proj)\.{_P}", _HF_VIT + ".mlp.{n}.{p}"),
         (r"vision\.merger\.norm\.weight", "visual.merger.ln_q.weight"),
         (rf"vision\.merger\.linear_1\.{_P}", "visual.merger.mlp.0.{p}"),
@@ -42,6 +43,7 @@ class Qwen2_5_VLAdapter(HFAdapter):
         (r"decoder\.norm\.weight", "model.norm.weight"),
         (r"decoder\.output\.weight", "lm_head.weight"),
     ]
+    fused_key_map = [(rf"{_VIT}\.attn\.(?P<part>q|k|v)_proj\.{_P}", _HF_VIT + ".attn.qkv.{p}", ("q", "k", "v"))]
 
     def __init__(self, image_token_id: int = 151655, video_token_id: int = 151656,
                  vision_start_token_id: int = 151652, vision_end_token_id: int = 151653):

@@ -109,12 +109,17 @@ class VisionAttention(nn.Module):
     def __init__(self, args: VisionArgs):
         super().__init__()
         self.head_dim = args.head_dim
-        self.qkv = nn.Linear(args.dim, 3 * args.dim)
+        # HF fuses q, k and v into one qkv Linear (the HF adapter splits and concatenates it):
+        # apart, tensor parallelism can split each of them by heads
+        self.q_proj = nn.Linear(args.dim, args.dim)
+        self.k_proj = nn.Linear(args.dim, args.dim)
+        self.v_proj = nn.Linear(args.dim, args.dim)
         self.proj = nn.Linear(args.dim, args.dim)
 
     def forward(self, x_NLD, cos, sin, mask):
         N, L, _ = x_NLD.shape
-        q, k, v = self.qkv(x_NLD).view(N, L, 3, -1, self.head_dim).unbind(2)
+        # -1 heads: tensor parallelism leaves each rank a slice of them
+        q, k, v = (proj(x_NLD).view(N, L, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.proj(attend(q, k, v, mask).reshape(N, L, -1))
 

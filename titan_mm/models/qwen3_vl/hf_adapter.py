@@ -1,11 +1,12 @@
-"""HF checkpoints of Qwen3VLForConditionalGeneration <-> titan_mm's Qwen3VLModel, by renames only."""
+"""HF checkpoints of Qwen3VLForConditionalGeneration <-> titan_mm's Qwen3VLModel, by renames, except
+the ViT's fused qkv, which is our q/k/v_proj concatenated."""
 
 from titan_mm.hf.adapter import HFAdapter
 from titan_mm.models.llama.hf_adapter import decoder_key_map
 from titan_mm.models.llama.model import DecoderArgs
 from titan_mm.models.qwen3_vl.model import Qwen3VLArgs, VisionArgs
 
-_BLOCK_LEAVES = ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")
+_BLOCK_LEAVES = ("norm1", "norm2", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")
 _MERGER_LEAVES = ("norm", "linear_fc1", "linear_fc2")
 
 
@@ -83,6 +84,8 @@ def _vision_args(c: dict) -> VisionArgs:
 
 class Qwen3VLAdapter(HFAdapter):
     key_map = _vision_key_map() + decoder_key_map("model.language_model.")
+    fused_key_map = [(r"vision\.layers\.(?P<i>\d+)\.attn\.(?P<part>q|k|v)_proj\.(?P<p>weight|bias)",
+                      "model.visual.blocks.{i}.attn.qkv.{p}", ("q", "k", "v"))]
 
     def hf_config(self, args: Qwen3VLArgs) -> dict:
         return {
