@@ -3,7 +3,7 @@ variant a few training steps of the benchmark shape (scripts/bench.py), written 
 table, a CSV and a PNG bar chart of tokens/s.
 
     python scripts/ablate.py --out docs/ablation [--family qwen3_vl --flavor 2B] \
-        [--compile off on] [--ac none full] [--backend flex varlen sdpa] [--steps 5]
+        [--compile off on] [--ac none op full] [--backend flex varlen sdpa] [--steps 5]
 
 Parallel layouts are ablated with scripts/compare_losses.py-style torchrun launches of train.py
 (the metrics line reports tokens/s and MFU per GPU); this script covers what one GPU can vary.
@@ -17,10 +17,28 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench import markdown_table, run_variant  # noqa: E402
+from bench import AC_MODES, markdown_table, run_variant  # noqa: E402
 
 COLUMNS = ["family", "flavor", "backend", "compiled", "ac", "step_s", "tokens_per_s", "mfu_vs_989",
            "peak_mem_gib", "loss", "error"]
+
+
+def read_csv(path: str) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            if r.get("error"):
+                rows.append(dict(name=f"{r['backend']} compiled={r['compiled']} ac={r['ac']}", error=r["error"]))
+                continue
+            r = {k: v for k, v in r.items() if k != "error"}
+            for k in ("step_s", "tokens_per_s", "mfu_vs_989", "peak_mem_gib", "loss"):
+                r[k] = float(r[k])
+            r["compiled"] = r["compiled"] == "True"
+            r["name"] = f"titan_mm {r['family']}/{r['flavor']} {r['backend']} " \
+                        f"{'compiled' if r['compiled'] else 'eager'} ac={r['ac']}"
+            r["params_b"] = "-"
+            rows.append(r)
+    return rows
 
 
 def write_png(rows: list[dict], path: str):
@@ -51,16 +69,22 @@ def main():
     parser.add_argument("--family", default="qwen3_vl")
     parser.add_argument("--flavor", default="2B")
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
-    parser.add_argument("--ac", nargs="+", default=["none", "full"], choices=["none", "full"])
+    parser.add_argument("--ac", nargs="+", default=["none", "op", "full"], choices=AC_MODES)
     parser.add_argument("--backend", nargs="+", default=["flex", "varlen", "sdpa"],
                         choices=["flex", "varlen", "sdpa"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--from-csv", nargs="+", default=None,
+                        help="run nothing: rebuild the table and plot from these CSVs (e.g. parts of a "
+                             "matrix run in separate jobs)")
     opts = parser.parse_args()
-    rows = []
-    for backend, compiled, ac in itertools.product(opts.backend, opts.compile, opts.ac):
-        rows.append(run_variant(family=opts.family, flavor=opts.flavor, compile_blocks=compiled == "on",
-                                steps=opts.steps, warmup=opts.warmup, backend=backend, ac=ac))
+    if opts.from_csv:
+        rows = [row for path in opts.from_csv for row in read_csv(path)]
+    else:
+        rows = []
+        for backend, compiled, ac in itertools.product(opts.backend, opts.compile, opts.ac):
+            rows.append(run_variant(family=opts.family, flavor=opts.flavor, compile_blocks=compiled == "on",
+                                    steps=opts.steps, warmup=opts.warmup, backend=backend, ac=ac))
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     with open(opts.out + ".md", "w") as f:
         f.write(markdown_table(rows) + "\n")

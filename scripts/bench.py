@@ -25,7 +25,9 @@ from titan_mm.data.documents import Document, Image  # noqa: E402
 from titan_mm.data.image import patchify  # noqa: E402
 from titan_mm.data.packing import RowShape, build_row  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
-from titan_mm.parallel.common import apply_activation_checkpointing, apply_compile  # noqa: E402
+from titan_mm.config import ActivationCheckpoint  # noqa: E402
+from titan_mm.parallel.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
+from titan_mm.parallel.common import apply_compile  # noqa: E402
 from train import with_attention_backend  # noqa: E402
 
 IMAGE_ID, START_ID, END_ID = 151655, 151652, 151653
@@ -60,13 +62,11 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
     args = with_attention_backend(spec.flavors[flavor], backend)
     batch = baseline_batch(args, spec, seq_len, n_images, side)
     shape = BatchShape.of(batch)
-    batch.pop("stats")
-    inputs = {k: v.cuda() for k, v in batch.items()}
+    inputs = {k: v.cuda() for k, v in batch.items() if isinstance(v, torch.Tensor)}  # not stats, skips
     with torch.device("meta"):
         model = spec.model_cls(args)
     for blocks in (model.vision.layers, model.decoder.layers):
-        if ac == "full":
-            apply_activation_checkpointing(blocks)
+        apply_activation_checkpointing(blocks, ac_config(ac))
         if compile_blocks:
             apply_compile(blocks)
     model.to_empty(device="cuda")
@@ -102,6 +102,16 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
                 params_b=round(n_params / 1e9, 3), step_s=round(dt, 4), tokens_per_s=round(seq_len / dt, 1),
                 mfu_vs_989=round(flops / dt / 989e12, 3),
                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=round(loss.item(), 4))
+
+
+AC_MODES = ("none", "full", "op", "2")
+
+
+def ac_config(name: str) -> ActivationCheckpoint:
+    """none | full | op (per-op selective) | k (every k-th block)."""
+    if name in ("none", "full"):
+        return ActivationCheckpoint(mode=name)
+    return ActivationCheckpoint(mode="selective", selective_ac_option=name)
 
 
 def write_profile(step, path: str):
@@ -161,7 +171,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", nargs="+", default=["flex"], choices=["sdpa", "flex", "varlen"])
     parser.add_argument("--compile", choices=["off", "on", "both"], default="on")
-    parser.add_argument("--ac", nargs="+", default=["none"], choices=["none", "full"])
+    parser.add_argument("--ac", nargs="+", default=["none"], choices=AC_MODES)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--profile", default=None, help="write a kernel-time table of one step per "
                         "variant into this folder")

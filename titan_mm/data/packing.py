@@ -171,5 +171,6 @@ def build_row(docs: list[Document], s: RowShape) -> dict:
     if s.position_dims == 1:
         row["position_ids"] = row["position_ids"][0]
     row["stats"] = {"pad_tokens": S - start}
+    row["skipped"] = []  # the packer fills in the samples skipped before this row
     return row
 
