@@ -207,17 +207,23 @@ class Qwen2_5_VLModel(nn.Module):
         self.decoder = Decoder(args.decoder)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
-                pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                image_token_index: torch.Tensor) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
+                image_token_index: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/document_ids/image_token_index [B, S]; position_ids [B, 3, S] (M-RoPE);
-        pixel_values [N, L, D]; grid_thw [N, L, 3]. Returns logits [B, S, V]."""
+        pixel_values [N, L, D]; grid_thw [N, L, 3]. Returns logits [B, S, V].
+
+        A later pipeline stage has no vision encoder: it gets the previous stage's hidden states
+        [B, S, D] in place of input_ids, and no media."""
+        if self.vision is None:
+            return self.decoder(input_ids, position_ids, document_ids)
         h_BSD = self.decoder.tok_embeddings(input_ids)
         image_embeds_MD = self.vision(pixel_values, grid_thw)
         h_BSD = scatter_image_embeddings(h_BSD, image_embeds_MD, image_token_index)
         return self.decoder(h_BSD, position_ids, document_ids)
 
     def init_weights(self):
-        self.vision.init_weights()
+        if self.vision is not None:  # else a later pipeline stage
+            self.vision.init_weights()
         self.decoder.init_weights()
 
 

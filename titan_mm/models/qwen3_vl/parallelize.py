@@ -11,7 +11,8 @@ from titan_mm.parallel.parallel_dims import ParallelDims
 
 def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
                          compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
-    block_groups = (model.vision.layers, model.decoder.layers)
+    # a later pipeline stage has no vision encoder
+    block_groups = [part.layers for part in (model.vision, model.decoder) if part is not None]
     if ac_cfg.mode == "full":
         for blocks in block_groups:
             apply_activation_checkpointing(blocks)
@@ -19,8 +20,17 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
         for blocks in block_groups:
             apply_compile(blocks)
     if parallel_dims.fsdp_enabled:
-        # each merger holds two (4 * vision dim)^2-sized weights: large enough to gather on its own
-        mergers = [model.vision.merger, *model.vision.deepstack_mergers.values()]
-        blocks = [*model.vision.layers.values(), *mergers, *model.decoder.layers.values()]
+        vision = []
+        if model.vision is not None:
+            # each merger holds two (4 * vision dim)^2-sized weights: large enough to gather on its own
+            mergers = [model.vision.merger, *model.vision.deepstack_mergers.values()]
+            vision = [*model.vision.layers.values(), *mergers]
+        blocks = [*vision, *model.decoder.layers.values()]
         apply_fsdp(blocks, model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
     return model
+
+
+def pipeline_first_stage_layers(args) -> int:
+    """DeepStack adds vision features after decoder layers 0 .. k-1: they must be on the first
+    pipeline stage, with the vision encoder."""
+    return len(args.vision.deepstack_layers)
