@@ -118,7 +118,7 @@ class Trainer:
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, cfg.job.dump_folder, model_parts=self.model_parts, optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers, dataloader=self.dataloader, train_state=self.train_state,
-            rank=self.rank, hf_adapter=spec.hf_adapter, model_args=self.model_args)
+            rank=self.rank, dp_rank=dp_rank, hf_adapter=spec.hf_adapter, model_args=self.model_args)
         self.checkpointer.load()
         self.metrics = MetricsLogger(
             log_freq=cfg.metrics.log_freq, total_steps=cfg.training.steps,

@@ -1,7 +1,7 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): resharding-friendly, one folder per step.
 
-A training checkpoint holds model, optimizer, LR scheduler, step, and per-rank dataloader and RNG
-states, so a resumed run continues bit-for-bit. Model and optimizer states are keyed by parameter
+A training checkpoint holds model, optimizer, LR scheduler, step, and per-data-parallel-rank
+dataloader and RNG states, so a resumed run continues bit-for-bit. Model and optimizer states are keyed by parameter
 name alone (the optimizer's flattened), so they load under any other layout, pipeline stages
 included: a rank holding several model parts (its pipeline stages) saves and loads each part's
 names. A model-only export holds the weights alone. With the
@@ -82,7 +82,7 @@ class LRSchedulerState(Stateful):
 
 
 class RankLocalState(Stateful):
-    """Per-rank state (dataloader position, RNG) stored under a rank-specific key."""
+    """State of one data-parallel rank (dataloader position, RNG) stored under a rank-specific key."""
 
     def __init__(self, get, set_):
         self.get, self.set = get, set_
@@ -110,9 +110,15 @@ def set_rng_state(state: dict):
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model_parts: list[torch.nn.Module],
                  optimizers: list, lr_schedulers: list, dataloader, train_state: Stateful, rank: int,
-                 hf_adapter=None, model_args=None):
+                 dp_rank: int, hf_adapter=None, model_args=None):
         """model_parts: the whole model, or this rank's pipeline stages; one optimizer and LR
-        scheduler per part."""
+        scheduler per part.
+
+        Dataloader and RNG states are keyed by data-parallel rank: the ranks that read the same data
+        (tensor- and pipeline-parallel peers) hold the same loader state and one copy is kept, so a
+        run resumes under another tp or pp degree as long as the data-parallel degree is unchanged.
+        Their RNG states are taken to be interchangeable (training draws no random numbers after
+        initialisation)."""
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.rank = rank
@@ -131,8 +137,8 @@ class CheckpointManager:
             "optimizer": OptimizerState(model_parts, optimizers),
             "lr_scheduler": LRSchedulerState(lr_schedulers),
             "train_state": train_state,
-            f"dataloader_rank{rank}": RankLocalState(dataloader.state_dict, dataloader.load_state_dict),
-            f"rng_rank{rank}": RankLocalState(rng_state, set_rng_state),
+            f"dataloader_rank{dp_rank}": RankLocalState(dataloader.state_dict, dataloader.load_state_dict),
+            f"rng_rank{dp_rank}": RankLocalState(rng_state, set_rng_state),
         }
 
     def step_folder(self, step: int) -> str:
