@@ -18,7 +18,9 @@ PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
 
 @pytest.mark.parametrize("nproc,dp_world,model,layout", [
     (2, 1, LLAVA, PP2),
-    (2, 1, LLAVA, [*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe"]),
+    # two accumulated batches: the schedule runs twice before the optimizer steps
+    (2, 1, [*LLAVA, "--training.gradient_accumulation_steps", "2"],
+     [*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe"]),
     (2, 1, LLAVA, [*PP2, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
                    "--parallelism.pipeline_parallel_stages_per_rank", "2"]),
     (2, 1, QWEN2_5_VL, PP2),
@@ -26,7 +28,7 @@ PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
     (2, 1, QWEN3_VL, [*PP2, "--parallelism.pipeline_parallel_split_points", "3"]),
     (4, 2, LLAVA, [*PP2, "--parallelism.data_parallel_shard_degree", "2"]),
     (4, 1, LLAVA, [*PP2, "--parallelism.tensor_parallel_degree", "2"]),
-], ids=["llava-pp2-1f1b", "llava-pp2-gpipe", "llava-pp2-interleaved", "qwen2_5_vl-pp2", "qwen3_vl-pp2",
+], ids=["llava-pp2-1f1b", "llava-pp2-gpipe-accumulate2", "llava-pp2-interleaved", "qwen2_5_vl-pp2", "qwen3_vl-pp2",
         "llava-pp2xfsdp2", "llava-tp2xpp2"])
 def test_pipeline_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout):
     assert_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout)
