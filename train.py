@@ -249,7 +249,8 @@ class Trainer:
         self.pp_num_labels = num_labels  # read by pipeline_loss
         losses = []
         with self.autocast:
-            self.pp_schedule.step(*args, target=target, losses=losses, **kwargs)
+            # return_outputs=False: the last stage does not concatenate the microbatches' logits
+            self.pp_schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if not self.pp_has_last_stage:
             return torch.zeros((), device=self.device)
         return torch.stack(losses).sum().detach()
