@@ -2,9 +2,12 @@
 FSDP or TP, match one process (gloo, fp32); checkpoints move between PP and no PP."""
 
 import pytest
+import torch
 
+import train
+from conftest import make_config
 from test_parallel import assert_layout_matches_single_process, seed_checkpoint, torchrun
-from titan_mm.config import Parallelism
+from titan_mm.config import ConfigError, Parallelism
 from titan_mm.models import get_model_spec
 from titan_mm.parallel.parallel_dims import ParallelismError
 from titan_mm.parallel.pipeline import check_pipeline, microbatch_image_token_index, stage_layers
@@ -104,7 +107,14 @@ def test_even_split_gives_later_stages_the_extra_layers():
 
 def test_image_token_index_counts_from_each_microbatch():
     """4 rows of 6 merged slots each, 2 microbatches: rows 2-3 count from slot 12; -1 stays."""
-    import torch
     index = torch.tensor([[0, 5, -1], [6, -1, 11], [12, 13, -1], [18, 23, -1]])
     expected = torch.tensor([[0, 5, -1], [6, -1, 11], [0, 1, -1], [6, 11, -1]])
     assert torch.equal(microbatch_image_token_index(index, 2, 6), expected)
+
+
+def test_hf_load_and_export_are_refused_under_pipeline_parallelism(tmp_path):
+    """HF folders need the whole model on a rank: refused before anything is built, naming the converters."""
+    cfg = make_config(tmp_path, *LLAVA, *PP2, "--checkpoint.export_hf_path", str(tmp_path / "hf"))
+    spec = get_model_spec("llava")
+    with pytest.raises(ConfigError, match="convert with scripts/convert_hf_to_dcp.py"):
+        train.check_pipeline_job(cfg, spec, spec.flavors["debug-untied"])
