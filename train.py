@@ -1,7 +1,8 @@
 """titan_mm training entry point: one Trainer, read top to bottom.
 
-build on meta -> parallelize -> materialise and init -> optimizer, LR scheduler, dataloader,
-checkpointer -> loop. Launch with run_train.sh (torchrun) or plain ``python train.py`` on one device.
+build on meta -> [cut into pipeline stages] -> parallelize -> materialise and init -> optimizer, LR
+scheduler, dataloader, checkpointer -> loop. Launch with run_train.sh (torchrun) or plain
+``python train.py`` on one device.
 """
 
 import contextlib
@@ -24,6 +25,8 @@ from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.models.attention import resolve_backend
 from titan_mm.parallel.common import group_by_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
+from titan_mm.parallel.pipeline import (build_pipeline_schedule, check_pipeline, microbatch_image_token_index,
+                                        pipeline_microbatches, split_stage, stage_indices)
 from titan_mm.parallel.sequence import SequenceParallel, check_sequence_parallel, shard_batch
 from titan_mm.train.checkpoint import CheckpointManager
 from titan_mm.train.loss import loss_parallel_context, loss_sum
@@ -76,13 +79,18 @@ class Trainer:
         p = cfg.parallelism
         self.parallel_dims = ParallelDims(
             dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
-            cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=1, ulysses=p.ulysses_degree,
-            world_size=self.world_size, enable_loss_parallel=p.enable_loss_parallel)
+            cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=p.pipeline_parallel_degree,
+            ulysses=p.ulysses_degree, world_size=self.world_size, enable_loss_parallel=p.enable_loss_parallel)
         check_tensor_parallel(self.parallel_dims, spec, self.model_args, cfg)
         backend = resolve_backend(cfg.model.attention_backend, self.device.type)
         check_sequence_parallel(self.parallel_dims, self.model_args.decoder, cfg.training.seq_len,
                                 cfg.training.local_batch_size * cfg.data.max_images_per_row, backend)
         self.model_args = with_attention_backend(self.model_args, backend)
+        if self.parallel_dims.pp_enabled:
+            if self.parallel_dims.cp_enabled or self.parallel_dims.ulysses_enabled:
+                raise ParallelismError("pipeline parallelism does not compose with context parallelism or "
+                                       "Ulysses yet; use one of them (docs/parallelism.md)")
+            self.pp_stage_layers = check_pipeline_job(cfg, spec, self.model_args)
         mesh = self.parallel_dims.build_mesh(self.device.type)
         dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         # ranks that see different tokens: the loss and its token count are summed over them
@@ -93,6 +101,7 @@ class Trainer:
         if self.parallel_dims.cp_enabled or self.parallel_dims.ulysses_enabled:
             mode = "cp" if self.parallel_dims.cp_enabled else "ulysses"
             self.sequence_parallel = SequenceParallel(mode, mesh[mode])
+        self.pp_group = mesh["pp"].get_group() if self.parallel_dims.pp_enabled else None
 
         with torch.device("meta"):
             model = spec.model_cls(self.model_args)
@@ -100,16 +109,20 @@ class Trainer:
         logger.info("model %s/%s: %.2fM parameters", spec.name, cfg.model.flavor, n_params / 1e6)
 
         self.compute_dtype = resolve_dtype(cfg.training.mixed_precision, self.device)
-        model = spec.parallelize(model, self.parallel_dims, mesh, cfg.compile, cfg.activation_checkpoint,
-                                 self.compute_dtype)
-        model.to_empty(device=self.device)
-        torch.manual_seed(cfg.job.seed)
-        model.init_weights()
-        model.train()
-        self.model = model
+        self.pp_schedule = None
+        """The pipeline schedule over this rank's stages (pipeline parallelism only)."""
+        if self.parallel_dims.pp_enabled:
+            self.model = None  # no rank holds the whole model
+            self.model_parts = self.build_pipeline(model, spec, mesh)
+        else:
+            self.model = self.materialise(spec.parallelize(
+                model, self.parallel_dims, mesh, cfg.compile, cfg.activation_checkpoint, self.compute_dtype))
+            self.model_parts = [self.model]
 
-        self.optimizer = build_optimizer(cfg.optimizer, model, self.device.type)
-        self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, cfg.training.steps)
+        # one optimizer and LR schedule per model part (pipeline stage): checkpoints name parameters
+        # per part
+        self.optimizers = [build_optimizer(cfg.optimizer, m, self.device.type) for m in self.model_parts]
+        self.lr_schedulers = [build_lr_scheduler(cfg.lr_scheduler, o, cfg.training.steps) for o in self.optimizers]
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, self.model_args.vision_input, seq_len=cfg.training.seq_len,
             batch_size=cfg.training.local_batch_size, dp_rank=dp_rank,
@@ -118,8 +131,8 @@ class Trainer:
         self.losses: list[torch.Tensor] = []
         """Global loss of each step trained by this process (device tensors, read them at the end)."""
         self.checkpointer = CheckpointManager(
-            cfg.checkpoint, cfg.job.dump_folder, model=model, optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler, dataloader=self.dataloader, train_state=self.train_state,
+            cfg.checkpoint, cfg.job.dump_folder, model_parts=self.model_parts, optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers, dataloader=self.dataloader, train_state=self.train_state,
             rank=self.rank, dp_rank=dp_rank, hf_adapter=spec.hf_adapter, model_args=self.model_args)
         self.checkpointer.load()
         self.metrics = MetricsLogger(
@@ -131,6 +144,34 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=self.compute_dtype)
                          if self.compute_dtype != torch.float32 and not self.parallel_dims.fsdp_enabled
                          else contextlib.nullcontext())
+
+    def materialise(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Allocate a parallelized meta model on the device and initialise it from the job seed."""
+        model.to_empty(device=self.device)
+        torch.manual_seed(self.cfg.job.seed)
+        model.init_weights()
+        return model.train()
+
+    def build_pipeline(self, model: torch.nn.Module, spec: ModelSpec, mesh) -> list[torch.nn.Module]:
+        """Cut the meta model into this rank's stages, parallelize and materialise each, and build
+        the schedule over them (titan_mm/parallel/pipeline.py)."""
+        p = self.cfg.parallelism
+        n_stages = len(self.pp_stage_layers)
+        indices = stage_indices(mesh["pp"].get_local_rank(), p.pipeline_parallel_degree,
+                                p.pipeline_parallel_stages_per_rank)
+        parts = []
+        for i in indices:
+            stage = split_stage(model, i, self.pp_stage_layers[i], n_stages)
+            parts.append(self.materialise(spec.parallelize(
+                stage, self.parallel_dims, mesh, self.cfg.compile, self.cfg.activation_checkpoint,
+                self.compute_dtype)))
+        logger.info("pipeline: %d stages, decoder layers %s; this rank holds stages %s",
+                    n_stages, [f"{r.start}-{r.stop - 1}" for r in self.pp_stage_layers], indices)
+        self.pp_has_first_stage, self.pp_has_last_stage = 0 in indices, n_stages - 1 in indices
+        self.pp_schedule = build_pipeline_schedule(
+            p, parts, indices, n_stages, self.cfg.training.local_batch_size, self.device, self.pp_group,
+            loss_fn=self.pipeline_loss)
+        return parts
 
     def train(self):
         cfg = self.cfg.training
@@ -167,12 +208,15 @@ class Trainer:
         if self.loss_group is not None:
             dist.all_reduce(num_labels, group=self.loss_group)
         loss = torch.zeros((), device=self.device)
+        forward_backward = self.pipeline_forward_backward if self.pp_schedule else self.forward_backward
         for mb in microbatches:
-            loss += self.forward_backward(mb, num_labels)
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            loss += forward_backward(mb, num_labels)
+        params = [p for part in self.model_parts for p in part.parameters()]
+        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm, pp_group=self.pp_group)
+        for optimizer, lr_scheduler in zip(self.optimizers, self.lr_schedulers):
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
         step = self.train_state.step
         data_stats = {}
@@ -185,13 +229,15 @@ class Trainer:
                                  data_stats=data_stats, skipped=[ref for mb in microbatches for ref in mb["skipped"]])
         if self.loss_group is not None:
             dist.all_reduce(loss, group=self.loss_group)  # a collective, not a host sync
+        if self.pp_group is not None:
+            dist.all_reduce(loss, group=self.pp_group)  # only the last stage's is not zero
         self.losses.append(loss)
         if self.metrics.should_log(step):
             data_totals = self.metrics.data_totals
             if self.dp_group is not None:
                 data_totals = sum_across_ranks(data_totals, self.dp_group)
             self.metrics.log(step, loss=loss.item(), grad_norm=grad_norm.item(), data_totals=data_totals,
-                             lr=self.lr_scheduler.get_last_lr()[0],
+                             lr=self.lr_schedulers[0].get_last_lr()[0],
                              row_slots=cfg.seq_len * cfg.local_batch_size * cfg.gradient_accumulation_steps)
 
     def forward_backward(self, mb: dict, num_labels: torch.Tensor) -> torch.Tensor:
@@ -209,6 +255,49 @@ class Trainer:
                     loss = self.model(**inputs, labels=labels) / num_labels
             loss.backward()
         return loss.detach()
+
+    # --- pipeline parallelism: the schedule runs forward and backward of every microbatch ---------
+
+    def pipeline_forward_backward(self, mb: dict, num_labels: torch.Tensor) -> torch.Tensor:
+        """One local batch through the pipeline schedule, cut into microbatches; returns this rank's
+        share of the loss (the last stage's sum over microbatches, zero on other ranks)."""
+        n_mb = pipeline_microbatches(self.cfg.parallelism, self.cfg.training.local_batch_size)
+        kwargs = {k: mb[k].to(self.device, non_blocking=True)
+                  for k in ("position_ids", "document_ids", "document_lengths")}
+        args = ()
+        if self.pp_has_first_stage:
+            args = (mb["input_ids"].to(self.device, non_blocking=True),)
+            media = {k: mb[k].to(self.device, non_blocking=True)
+                     for k in ("pixel_values", "grid_thw", "frame_lengths")}
+            merge_area = self.model_args.vision_input.spatial_merge_size ** 2
+            pixels = mb["pixel_values"]
+            slots_per_row = pixels.shape[0] // mb["input_ids"].shape[0] * pixels.shape[1] // merge_area
+            media["image_token_index"] = microbatch_image_token_index(
+                mb["image_token_index"], n_mb, slots_per_row).to(self.device, non_blocking=True)
+            kwargs.update(media)
+        target = mb["labels"].to(self.device, non_blocking=True) if self.pp_has_last_stage else None
+        self.pp_num_labels = num_labels  # read by pipeline_loss
+        losses = []
+        with loss_parallel_context(self.parallel_dims.loss_parallel_enabled), self.autocast:
+            # return_outputs=False: the last stage does not concatenate the microbatches' logits
+            self.pp_schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        if not self.pp_has_last_stage:
+            return torch.zeros((), device=self.device)
+        return torch.stack(losses).sum().detach()
+
+    def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss of one microbatch: its share of the global batch's loss."""
+        return loss_sum(logits, labels) / self.pp_num_labels
+
+
+def check_pipeline_job(cfg: JobConfig, spec: ModelSpec, model_args) -> list[range]:
+    """Pipeline settings that cannot work fail before anything is built; returns each stage's layers."""
+    if cfg.checkpoint.initial_load_hf_path or cfg.checkpoint.export_hf_path:
+        raise ConfigError("checkpoint.initial_load_hf_path / export_hf_path need the whole model on each rank "
+                          "and do not work with pipeline parallelism; convert with scripts/convert_hf_to_dcp.py "
+                          "(then checkpoint.initial_load_path) or scripts/convert_dcp_to_hf.py instead")
+    first_stage_layers = spec.pipeline_first_stage_layers(model_args) if spec.pipeline_first_stage_layers else 1
+    return check_pipeline(cfg.parallelism, cfg.training.local_batch_size, model_args.decoder, first_stage_layers)
 
 
 def check_tensor_parallel(dims: ParallelDims, spec: ModelSpec, model_args, cfg: JobConfig):
@@ -230,11 +319,12 @@ def with_attention_backend(model_args, backend: str):
     return dataclasses.replace(model_args, **changes)
 
 
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (across every shard), clipped to max_norm if > 0.
+def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
+    """Global L2 norm of all gradients (across every shard and pipeline stage), clipped to max_norm if > 0.
 
     foreach kernels take one kind of tensor: gradients are grouped by DTensor mesh (plain tensors
-    apart), each group's norm is made whole with full_tensor(), and the group norms combined.
+    apart), each group's norm is made whole with full_tensor(), and the group norms combined. Pipeline
+    stages hold different parameters: their squared norms are summed over the pp group.
     """
     params = [p for p in parameters if p.grad is not None]
     norms = []
@@ -242,6 +332,10 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     total = torch.linalg.vector_norm(torch.stack(norms))
+    if pp_group is not None:
+        total = total ** 2
+        dist.all_reduce(total, group=pp_group)
+        total = total.sqrt()
     if max_norm > 0:
         for group in group_by_mesh(params):
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)

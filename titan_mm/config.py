@@ -215,6 +215,25 @@ class Parallelism:
     attention swaps the sequence split for a head split (all-to-all). Heads and KV heads (per tp
     rank) must divide by u. The ViT's image slots are split over the group. One of
     context_parallel_degree and ulysses_degree may be > 1."""
+    pipeline_parallel_degree: int = 1
+    """Pipeline parallelism: the decoder layers are cut into stages held by this many ranks (the
+    vision encoder, projector and token embeddings go with the first stage, the final norm and output
+    head with the last). Needs a flavor without tied embeddings."""
+    pipeline_parallel_schedule: Literal["1F1B", "GPipe", "Interleaved1F1B"] = "1F1B"
+    """Order of microbatch forwards and backwards (torch.distributed.pipelining): 1F1B and GPipe hold
+    one stage per rank (GPipe keeps every microbatch's activations; 1F1B at most pp of them);
+    Interleaved1F1B holds pipeline_parallel_stages_per_rank >= 2 stages per rank (a smaller bubble)."""
+    pipeline_parallel_microbatches: int = -1
+    """Microbatches each local batch (training.local_batch_size rows) is cut into for the pipeline; must
+    divide local_batch_size; -1 = local_batch_size (one row each). 1F1B needs at least
+    pipeline_parallel_degree of them, Interleaved1F1B a multiple of it."""
+    pipeline_parallel_stages_per_rank: int = 1
+    """Stages each pipeline rank holds: 1 for 1F1B and GPipe, >= 2 for Interleaved1F1B (stage s goes
+    to rank s mod pipeline_parallel_degree)."""
+    pipeline_parallel_split_points: list[int] = field(default_factory=list)
+    """Decoder layer indices that start a new stage (one fewer than the stages), e.g. [3] puts layers
+    0-2 on stage 0; empty = split evenly, earlier stages taking fewer layers when it is uneven (the
+    first stage also runs the vision encoder)."""
 
 
 @dataclass
@@ -258,7 +277,8 @@ _POSITIVE = {
     "data.max_images_per_row", "data.max_patches_per_image", "data.min_pixels", "data.max_pixels",
     "data.pack_open_bins", "data.shuffle_buffer", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
     "training.gradient_accumulation_steps", "optimizer.lr", "checkpoint.interval",
-    "metrics.log_freq", "parallelism.tensor_parallel_degree",
+    "metrics.log_freq", "parallelism.tensor_parallel_degree", "parallelism.pipeline_parallel_degree",
+    "parallelism.pipeline_parallel_stages_per_rank",
 }
 _NON_NEGATIVE = {
     "data.num_workers", "training.max_norm", "optimizer.weight_decay", "optimizer.eps",
@@ -296,6 +316,8 @@ def _check_values(cfg: JobConfig) -> list[str]:
     if option != "op" and not (option.isdigit() and int(option) >= 1):
         errors.append(f"activation_checkpoint.selective_ac_option = {option!r} must be \"op\" or an "
                       f"integer >= 1 (checkpoint every k-th block)")
+    if cfg.parallelism.pipeline_parallel_microbatches == 0 or cfg.parallelism.pipeline_parallel_microbatches < -1:
+        errors.append("parallelism.pipeline_parallel_microbatches must be -1 (one per row) or >= 1")
     return errors
 
 

@@ -24,6 +24,9 @@ class ModelSpec:
     tensor_parallel_sizes: Callable | None = None
     """tensor_parallel_sizes(args, job_config) -> {name: size} of everything tensor parallelism
     splits (each must divide by the tp degree); None = the family has no tensor parallelism."""
+    pipeline_first_stage_layers: Callable | None = None
+    """pipeline_first_stage_layers(args) -> how many leading decoder layers the first pipeline stage
+    must hold (Qwen3-VL adds DeepStack vision features after them); None = 1."""
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -1,9 +1,10 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): resharding-friendly, one folder per step.
 
 A training checkpoint holds model, optimizer, LR scheduler, step, and per-data-parallel-rank
-dataloader and RNG states, so a resumed run continues bit-for-bit. Those states are keyed by the
-data-parallel rank, not the global rank: the tensor-parallel ranks of one data rank read the same
-batches, and a run resumed with another tp degree (same data-parallel degree) finds its states. A model-only export holds the weights alone. With the
+dataloader and RNG states, so a resumed run continues bit-for-bit. Model and optimizer states are keyed by parameter
+name alone (the optimizer's flattened), so they load under any other layout, pipeline stages
+included: a rank holding several model parts (its pipeline stages) saves and loads each part's
+names. A model-only export holds the weights alone. With the
 family's HF adapter, a run can also start from an HF folder and write one at its last step.
 """
 
@@ -31,51 +32,65 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class ModelState(Stateful):
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    """The weights of a model, or of this rank's model parts (pipeline stages), by parameter name."""
+
+    def __init__(self, model: torch.nn.Module | list[torch.nn.Module]):
+        self.parts = model if isinstance(model, list) else [model]
 
     def state_dict(self):
-        return get_model_state_dict(self.model)
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
 
     def load_state_dict(self, state_dict):
-        set_model_state_dict(self.model, state_dict)
+        # each part takes its own names from the merged dict
+        strict = len(self.parts) == 1
+        for part in self.parts:
+            set_model_state_dict(part, state_dict, options=StateDictOptions(strict=strict))
+
+
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class OptimizerState(Stateful):
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    """One optimizer per model part; flattened state ("state.<param name>.exp_avg", "param_groups.<param
+    name>.lr"), so no entry depends on how parameters are grouped or placed."""
+
+    def __init__(self, model_parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]):
+        self.model_parts, self.optimizers = model_parts, optimizers
 
     # flattened: moments and hyperparameters keyed by parameter name, not by param-group index; the
     # groups differ between layouts (one per DTensor mesh: FSDP alone has one mesh, FSDP x TP two)
     options = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def state_dict(self):
-        return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+        return {k: v for part, opt in zip(self.model_parts, self.optimizers)
+                for k, v in get_optimizer_state_dict(part, opt, options=_FLAT).items()}
 
     def load_state_dict(self, state_dict):
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
+        for part, opt in zip(self.model_parts, self.optimizers):
+            set_optimizer_state_dict(part, opt, state_dict, options=_FLAT)
 
 
 class LRSchedulerState(Stateful):
-    """The scheduler's step count alone. Every param group follows one schedule from one peak lr,
-    and the number of groups depends on the layout (one per DTensor mesh), so LambdaLR's per-group
-    lists would not load under another layout."""
+    """The step count alone of the model parts' LR schedulers, which step together. Every param group
+    follows one schedule from one peak lr, and the number of groups depends on the layout (one per
+    DTensor mesh), so LambdaLR's per-group lists would not load under another layout."""
 
-    def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR):
-        self.scheduler = scheduler
+    def __init__(self, lr_schedulers: list):
+        self.lr_schedulers = lr_schedulers
 
     def state_dict(self):
-        return {"last_epoch": self.scheduler.last_epoch}
+        return {"last_epoch": self.lr_schedulers[0].last_epoch}
 
     def load_state_dict(self, state_dict):
-        s, step = self.scheduler, state_dict["last_epoch"]
-        # the groups' current lr comes back with the optimizer state
-        s.load_state_dict({**s.state_dict(), "last_epoch": step, "_step_count": step + 1,
-                           "_last_lr": [base * fn(step) for base, fn in zip(s.base_lrs, s.lr_lambdas)]})
+        step = state_dict["last_epoch"]
+        for s in self.lr_schedulers:
+            # the groups' current lr comes back with the optimizer state
+            s.load_state_dict({**s.state_dict(), "last_epoch": step, "_step_count": step + 1,
+                               "_last_lr": [base * fn(step) for base, fn in zip(s.base_lrs, s.lr_lambdas)]})
 
 
 class RankLocalState(Stateful):
-    """Per-data-parallel-rank state (dataloader position, RNG) stored under a rank-specific key."""
+    """State of one data-parallel rank (dataloader position, RNG) stored under a rank-specific key."""
 
     def __init__(self, get, set_):
         self.get, self.set = get, set_
@@ -101,13 +116,21 @@ def set_rng_state(state: dict):
 
 
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model, optimizer, lr_scheduler,
-                 dataloader, train_state: Stateful, rank: int, dp_rank: int, hf_adapter=None,
-                 model_args=None):
+    def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model_parts: list[torch.nn.Module],
+                 optimizers: list, lr_schedulers: list, dataloader, train_state: Stateful, rank: int,
+                 dp_rank: int, hf_adapter=None, model_args=None):
+        """model_parts: the whole model, or this rank's pipeline stages; one optimizer and LR
+        scheduler per part.
+
+        Dataloader and RNG states are keyed by data-parallel rank: the ranks that read the same data
+        (tensor- and pipeline-parallel peers) hold the same loader state and one copy is kept, so a
+        run resumes under another tp or pp degree as long as the data-parallel degree is unchanged.
+        Their RNG states are taken to be interchangeable (training draws no random numbers after
+        initialisation)."""
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.rank = rank
-        self.model = model
+        self.model_parts = model_parts
         self.hf_adapter, self.model_args = hf_adapter, model_args
         if cfg.initial_load_hf_path or cfg.export_hf_path:
             if hf_adapter is None:
@@ -118,9 +141,9 @@ class CheckpointManager:
             except ValueError as e:
                 raise ConfigError(f"checkpoint.initial_load_hf_path / export_hf_path: {e}") from None
         self.states = {
-            "model": ModelState(model),
-            "optimizer": OptimizerState(model, optimizer),
-            "lr_scheduler": LRSchedulerState(lr_scheduler),
+            "model": ModelState(model_parts),
+            "optimizer": OptimizerState(model_parts, optimizers),
+            "lr_scheduler": LRSchedulerState(lr_schedulers),
             "train_state": train_state,
             f"dataloader_dp{dp_rank}": RankLocalState(dataloader.state_dict, dataloader.load_state_dict),
             f"rng_dp{dp_rank}": RankLocalState(rng_state, set_rng_state),
@@ -152,14 +175,15 @@ class CheckpointManager:
 
     def export_model(self, path: str):
         """Model weights alone (full fp32 tensors), loadable by initial_load_path or conversion."""
-        dcp.save({"model": ModelState(self.model)}, checkpoint_id=path)
+        dcp.save({"model": ModelState(self.model_parts)}, checkpoint_id=path)
         logger.info("exported model weights to %s", path)
 
     def export_hf(self, path: str):
         """Full weights as an HF folder (every rank joins the gather; rank 0 writes)."""
         start = time.perf_counter()
         dtype = torch.bfloat16 if self.cfg.export_hf_dtype == "bf16" else torch.float32
-        save_hf_weights(self.model, self.hf_adapter, self.model_args, path, dtype=dtype)
+        (model,) = self.model_parts  # pipeline parallelism refuses HF export up front
+        save_hf_weights(model, self.hf_adapter, self.model_args, path, dtype=dtype)
         logger.info("exported HF weights to %s in %.1fs", path, time.perf_counter() - start)
 
     def load(self) -> int:
@@ -185,10 +209,11 @@ class CheckpointManager:
     def load_initial_weights(self):
         """initial_load_path (DCP, model only) or initial_load_hf_path (HF folder), if set."""
         if self.cfg.initial_load_path:
-            dcp.load({"model": ModelState(self.model)}, checkpoint_id=self.cfg.initial_load_path)
+            dcp.load({"model": ModelState(self.model_parts)}, checkpoint_id=self.cfg.initial_load_path)
             logger.info("loaded initial weights from %s", self.cfg.initial_load_path)
         elif self.cfg.initial_load_hf_path:
-            load_hf_weights(self.model, self.hf_adapter, self.cfg.initial_load_hf_path)
+            (model,) = self.model_parts  # pipeline parallelism refuses HF loading up front
+            load_hf_weights(model, self.hf_adapter, self.cfg.initial_load_hf_path)
             logger.info("loaded initial weights from HF folder %s", self.cfg.initial_load_hf_path)
 
     def _purge_old(self):

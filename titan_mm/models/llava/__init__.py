@@ -1,5 +1,7 @@
 """LLaVA-style family: SigLIP2-style ViT + projector + Llama/Qwen decoder."""
 
+import dataclasses
+
 from titan_mm.models import ModelSpec
 from titan_mm.models.llama import FLAVORS as TEXT_FLAVORS
 from titan_mm.models.llama.model import DecoderArgs
@@ -42,6 +44,10 @@ FLAVORS = {
     "siglip2-so400m-qwen3-1.7b": _siglip2_qwen3("qwen3-1.7b"),
     "siglip2-so400m-qwen3-8b": _siglip2_qwen3("qwen3-8b"),
 }
+# the debug model with its own output head, which pipeline parallelism needs (the head is on the
+# last stage, the token embeddings on the first)
+FLAVORS["debug-untied"] = dataclasses.replace(
+    FLAVORS["debug"], decoder=dataclasses.replace(FLAVORS["debug"].decoder, tie_embeddings=False))
 
 SPEC = ModelSpec(name="llava", flavors=FLAVORS, model_cls=LlavaModel, parallelize=parallelize_llava,
                  training_flops=training_flops, hf_adapter=LlavaAdapter(),

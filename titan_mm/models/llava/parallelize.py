@@ -17,9 +17,11 @@ from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_embeddi
 def parallelize_llava(model: LlavaModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
                       compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
     apply_sequence_parallel(model.decoder, mesh, parallel_dims)
-    block_groups = (model.vision.layers, model.decoder.layers)
+    # a later pipeline stage has no vision encoder
+    block_groups = [part.layers for part in (model.vision, model.decoder) if part is not None]
     if parallel_dims.tp_enabled:
-        apply_tp_vision(model.vision.layers, mesh["tp"])
+        if model.vision is not None:
+            apply_tp_vision(model.vision.layers, mesh["tp"])
         apply_tp_decoder(model.decoder.layers, mesh["tp"], model.args.decoder.qk_norm)
         apply_tp_embeddings_and_head(model.decoder, mesh["tp"], parallel_dims.loss_parallel_enabled)
     for blocks in block_groups:

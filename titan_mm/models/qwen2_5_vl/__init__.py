@@ -1,6 +1,8 @@
 """Qwen2.5-VL family: window-attention ViT with 2-D rotary + 2x2 patch merger + Qwen2.5 decoder
 with M-RoPE."""
 
+import dataclasses
+
 from titan_mm.models import ModelSpec
 from titan_mm.models.llama.model import DecoderArgs
 from titan_mm.models.qwen2_5_vl.hf_adapter import Qwen2_5_VLAdapter
@@ -39,6 +41,10 @@ FLAVORS = {
     "72B": _released(3456, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn=29568, vocab=152064,
                      tie=False),
 }
+# the debug model with its own output head, which pipeline parallelism needs (the head is on the
+# last stage, the token embeddings on the first)
+FLAVORS["debug-untied"] = dataclasses.replace(
+    FLAVORS["debug"], decoder=dataclasses.replace(FLAVORS["debug"].decoder, tie_embeddings=False))
 
 SPEC = ModelSpec(name="qwen2_5_vl", flavors=FLAVORS, model_cls=Qwen2_5_VLModel,
                  parallelize=parallelize_qwen2_5_vl, training_flops=training_flops,

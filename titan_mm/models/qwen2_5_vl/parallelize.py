@@ -21,9 +21,11 @@ from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_embeddi
 def parallelize_qwen2_5_vl(model: Qwen2_5_VLModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
                            compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
     apply_sequence_parallel(model.decoder, mesh, parallel_dims)
-    block_groups = (model.vision.layers, model.decoder.layers)
+    # a later pipeline stage has no vision encoder
+    block_groups = [part.layers for part in (model.vision, model.decoder) if part is not None]
     if parallel_dims.tp_enabled:
-        apply_tp_vision(model.vision.layers, mesh["tp"])
+        if model.vision is not None:
+            apply_tp_vision(model.vision.layers, mesh["tp"])
         apply_tp_decoder(model.decoder.layers, mesh["tp"], model.args.decoder.qk_norm)
         apply_tp_embeddings_and_head(model.decoder, mesh["tp"], parallel_dims.loss_parallel_enabled)
     for blocks in block_groups:
@@ -33,7 +35,8 @@ def parallelize_qwen2_5_vl(model: Qwen2_5_VLModel, parallel_dims: ParallelDims, 
             apply_compile(blocks)
     if parallel_dims.fsdp_enabled:
         # the merger's (4 * vision dim)^2 weight is large enough to gather on its own
-        blocks = [*model.vision.layers.values(), model.vision.merger, *model.decoder.layers.values()]
+        vision = [*model.vision.layers.values(), model.vision.merger] if model.vision is not None else []
+        blocks = [*vision, *model.decoder.layers.values()]
         apply_fsdp(blocks, model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
     return model
 

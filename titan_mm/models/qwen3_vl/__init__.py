@@ -6,7 +6,8 @@ from titan_mm.models import ModelSpec
 from titan_mm.models.llama.model import DecoderArgs
 from titan_mm.models.qwen3_vl.hf_adapter import Qwen3VLAdapter
 from titan_mm.models.qwen3_vl.model import Qwen3VLArgs, Qwen3VLModel, VisionArgs, training_flops
-from titan_mm.models.qwen3_vl.parallelize import parallelize_qwen3_vl, tensor_parallel_sizes
+from titan_mm.models.qwen3_vl.parallelize import (parallelize_qwen3_vl, pipeline_first_stage_layers,
+                                                  tensor_parallel_sizes)
 
 # the two ViT shapes of the released checkpoints: 24 x 1024 (2B, 4B) and 27 x 1152 (8B, 32B)
 _SMALL_VIT = VisionArgs(dim=1024, n_layers=24, n_heads=16, ffn_hidden_dim=4096, deepstack_layers=(5, 11, 17))
@@ -36,7 +37,12 @@ FLAVORS = {
     "8B": _published(_LARGE_VIT, dim=4096, n_layers=36, n_heads=32, ffn=12288, tie=False),
     "32B": _published(_LARGE_VIT, dim=5120, n_layers=64, n_heads=64, ffn=25600, tie=False),
 }
+# the debug model with its own output head, which pipeline parallelism needs (the head is on the
+# last stage, the token embeddings on the first)
+FLAVORS["debug-untied"] = dataclasses.replace(
+    FLAVORS["debug"], decoder=dataclasses.replace(FLAVORS["debug"].decoder, tie_embeddings=False))
 
 SPEC = ModelSpec(name="qwen3_vl", flavors=FLAVORS, model_cls=Qwen3VLModel, parallelize=parallelize_qwen3_vl,
                  training_flops=training_flops, hf_adapter=Qwen3VLAdapter(),
-                 tensor_parallel_sizes=tensor_parallel_sizes)
+                 tensor_parallel_sizes=tensor_parallel_sizes,
+                 pipeline_first_stage_layers=pipeline_first_stage_layers)

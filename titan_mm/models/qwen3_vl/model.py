@@ -247,13 +247,20 @@ class Qwen3VLModel(nn.Module):
         self.decoder = Decoder(args.decoder)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
-                pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_token_index: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
+                image_token_index: torch.Tensor | None = None,
                 document_lengths: torch.Tensor | None = None,
                 frame_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/document_ids/image_token_index [B, S]; position_ids [B, 3, S];
         pixel_values [N, L, D]; grid_thw [N, L, 3]; document_lengths [B, K] and frame_lengths
         [N, F] for the varlen attention backend. Returns logits [B, S, V], or with labels [B, S] the summed
-        loss of the labelled tokens (see Decoder.forward)."""
+        loss of the labelled tokens (see Decoder.forward).
+
+        A later pipeline stage has no vision encoder: it gets the previous stage's hidden states
+        [B, S, D] in place of input_ids, and no media."""
+        if self.vision is None:
+            return self.decoder(input_ids, position_ids, document_ids, document_lengths=document_lengths,
+                                labels=labels)
         h_BSD = self.decoder.tok_embeddings(input_ids)
         embeds_MD, deepstack_MD = encode_images_split(self.vision, pixel_values, grid_thw, frame_lengths,
                                                       self.decoder.sequence_parallel)
@@ -265,7 +272,8 @@ class Qwen3VLModel(nn.Module):
         return self.decoder(h_BSD, position_ids, document_ids, additions, document_lengths, labels)
 
     def init_weights(self):
-        self.vision.init_weights()
+        if self.vision is not None:  # else a later pipeline stage
+            self.vision.init_weights()
         self.decoder.init_weights()
 
 

@@ -21,9 +21,11 @@ from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_embeddi
 def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
                          compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
     apply_sequence_parallel(model.decoder, mesh, parallel_dims)
-    block_groups = (model.vision.layers, model.decoder.layers)
+    # a later pipeline stage has no vision encoder
+    block_groups = [part.layers for part in (model.vision, model.decoder) if part is not None]
     if parallel_dims.tp_enabled:
-        apply_tp_vision(model.vision.layers, mesh["tp"])
+        if model.vision is not None:
+            apply_tp_vision(model.vision.layers, mesh["tp"])
         apply_tp_decoder(model.decoder.layers, mesh["tp"], model.args.decoder.qk_norm)
         apply_tp_embeddings_and_head(model.decoder, mesh["tp"], parallel_dims.loss_parallel_enabled)
     for blocks in block_groups:
@@ -32,9 +34,12 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
         for blocks in block_groups:
             apply_compile(blocks)
     if parallel_dims.fsdp_enabled:
-        # each merger holds two (4 * vision dim)^2-sized weights: large enough to gather on its own
-        mergers = [model.vision.merger, *model.vision.deepstack_mergers.values()]
-        blocks = [*model.vision.layers.values(), *mergers, *model.decoder.layers.values()]
+        vision = []
+        if model.vision is not None:
+            # each merger holds two (4 * vision dim)^2-sized weights: large enough to gather on its own
+            mergers = [model.vision.merger, *model.vision.deepstack_mergers.values()]
+            vision = [*model.vision.layers.values(), *mergers]
+        blocks = [*vision, *model.decoder.layers.values()]
         apply_fsdp(blocks, model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
     return model
 
@@ -68,3 +73,9 @@ def tensor_parallel_sizes(args, cfg) -> dict[str, int]:
     return {**decoder_tensor_parallel_sizes(args, cfg), "vision n_heads": args.vision.n_heads,
             "vision ffn_hidden_dim": args.vision.ffn_hidden_dim,
             "data.max_patches_per_image": cfg.data.max_patches_per_image}
+
+
+def pipeline_first_stage_layers(args) -> int:
+    """DeepStack adds vision features after decoder layers 0 .. k-1: they must be on the first
+    pipeline stage, with the vision encoder."""
+    return len(args.vision.deepstack_layers)
