@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench import AC_MODES, markdown_table, run_variant  # noqa: E402
+from bench import AC_MODES, BACKENDS, markdown_table, run_variant  # noqa: E402
 
 COLUMNS = ["family", "flavor", "backend", "compiled", "ac", "step_s", "tokens_per_s", "mfu_vs_989",
            "peak_mem_gib", "loss", "error"]
@@ -71,7 +71,7 @@ def main():
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--ac", nargs="+", default=["none", "op", "full"], choices=AC_MODES)
     parser.add_argument("--backend", nargs="+", default=["flex", "varlen", "sdpa"],
-                        choices=["flex", "varlen", "sdpa"])
+                        choices=BACKENDS)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--from-csv", nargs="+", default=None,

@@ -56,7 +56,7 @@ def baseline_batch(args, spec, seq_len: int, n_images: int, side: int) -> dict:
 
 def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: int, backend: str = "flex",
           ac: str = "none", seq_len: int = 8192, n_images: int = 4, side: int = 512,
-          profile: str | None = None) -> dict:
+          profile: str | None = None, skip_guards: bool = False) -> dict:
     """Train ``steps`` steps on one baseline-shaped batch; tokens/s, MFU, peak memory."""
     spec = get_model_spec(family)
     args = with_attention_backend(spec.flavors[flavor], backend)
@@ -86,6 +86,8 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
 
     for _ in range(warmup):
         step()
+    if skip_guards:  # every graph exists now: check only the guards that tell cached graphs apart
+        torch.compiler.set_stance(skip_guard_eval_unsafe=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -95,9 +97,12 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
     dt = (time.perf_counter() - t0) / steps
     if profile:
         write_profile(step, profile)
+    if skip_guards:
+        torch.compiler.set_stance(skip_guard_eval_unsafe=False)
     flops = spec.training_flops(args, shape)
     n_params = sum(p.numel() for p in model.parameters())
-    name = f"titan_mm {family}/{flavor} {backend} {'compiled' if compile_blocks else 'eager'} ac={ac}"
+    name = (f"titan_mm {family}/{flavor} {backend} {'compiled' if compile_blocks else 'eager'} ac={ac}"
+            + (" skip-guards" if skip_guards else ""))
     return dict(name=name, family=family, flavor=flavor, backend=backend, compiled=compile_blocks, ac=ac,
                 params_b=round(n_params / 1e9, 3), step_s=round(dt, 4), tokens_per_s=round(seq_len / dt, 1),
                 mfu_vs_989=round(flops / dt / 989e12, 3),
@@ -105,6 +110,7 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
 
 
 AC_MODES = ("none", "full", "op", "2")
+BACKENDS = ("flex", "flex_flash", "varlen", "sdpa")
 
 
 def ac_config(name: str) -> ActivationCheckpoint:
@@ -169,10 +175,12 @@ def main():
     parser.add_argument("--flavor", default="2B")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--backend", nargs="+", default=["flex"], choices=["sdpa", "flex", "varlen"])
+    parser.add_argument("--backend", nargs="+", default=["flex"], choices=BACKENDS)
     parser.add_argument("--compile", choices=["off", "on", "both"], default="on")
     parser.add_argument("--ac", nargs="+", default=["none"], choices=AC_MODES)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--skip-guards", action="store_true",
+                        help="after warm-up, evaluate only the guards that tell compiled graphs apart")
     parser.add_argument("--profile", default=None, help="write a kernel-time table of one step per "
                         "variant into this folder")
     opts = parser.parse_args()
@@ -185,7 +193,7 @@ def main():
                            if opts.profile else None)
                 rows.append(run_variant(family=opts.family, flavor=opts.flavor, compile_blocks=compiled,
                                         steps=opts.steps, warmup=opts.warmup, backend=backend, ac=ac,
-                                        profile=profile))
+                                        profile=profile, skip_guards=opts.skip_guards))
     print()
     print(markdown_table(rows))
     if opts.out:

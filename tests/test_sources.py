@@ -17,11 +17,12 @@ from titan_mm.data.packing import BestFitPacker, RowShape
 from titan_mm.data.sources import MixtureSource
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.data.webdataset import WebDatasetSource
+from titan_mm.data.packing import SIZE_STATS
 from titan_mm.models.llava import FLAVORS
 
 SPEC = FLAVORS["debug"].vision_input
 DATA = "assets/sample_data"
-SIZE_KEYS = ("pad_tokens", "rows", "documents")
+SIZE_KEYS = SIZE_STATS
 
 
 @pytest.fixture(scope="module")

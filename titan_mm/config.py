@@ -46,11 +46,12 @@ class Model:
     """Size preset of the family (see the family's FLAVORS dict)."""
     tokenizer_path: str = "assets/tokenizer"
     """Folder holding tokenizer.json and tokenizer_config.json."""
-    attention_backend: Literal["auto", "sdpa", "flex", "varlen"] = "auto"
+    attention_backend: Literal["auto", "sdpa", "flex", "flex_flash", "varlen"] = "auto"
     """Attention kernel of the ViT and the decoder (docs/performance.md): varlen = flash attention
     over the packed segments (CUDA; flash-attn's kernel when installed, else PyTorch's), flex =
-    FlexAttention with block-sparse document / per-image masks, sdpa = dense boolean masks (any
-    device). auto = flex on CUDA, sdpa on CPU."""
+    FlexAttention with block-sparse document / per-image masks, flex_flash = the same masks run
+    by FlashAttention-4 kernels (needs flash-attn-4; faster on long documents), sdpa = dense boolean
+    masks (any device). auto = flex on CUDA, sdpa on CPU."""
 
 
 DatasetKind = Literal["captions", "interleaved", "chat", "text", "webdataset"]

@@ -5,7 +5,6 @@ import os
 
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 
 from titan_mm.config import JobConfig
 from titan_mm.data.dataloader import build_document_builder, collate_rows
@@ -60,9 +59,7 @@ def caption_loss(cfg: JobConfig, model: torch.nn.Module, model_args, path: str, 
     for row in BestFitPacker(ListSource(docs), shape, cfg.data.pack_open_bins):
         batch = collate_rows([row], cfg.data.max_patches_per_image // spec.merge_area)
         labels = batch.pop("labels")
-        batch.pop("stats")
-        logits = model(**batch)
-        total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
-                                 ignore_index=IGNORE_INDEX).item()
+        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}  # not stats, skips
+        total += model(**inputs, labels=labels).item()  # summed loss, logits never materialised
         count += int((labels != IGNORE_INDEX).sum())
     return total / count

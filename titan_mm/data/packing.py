@@ -17,6 +17,8 @@ from titan_mm.data.documents import Document, SampleError
 from titan_mm.data.sources import MAX_SKIPS_REPORTED, count_skip
 
 IGNORE_INDEX = -100
+SIZE_STATS = ("pad_tokens", "pad_patches", "patch_slots", "rows", "documents")
+"""Row ``stats`` keys that count sizes; every other key counts skipped samples by reason."""
 
 
 @dataclass
@@ -170,7 +172,8 @@ def build_row(docs: list[Document], s: RowShape) -> dict:
         start = end
     if s.position_dims == 1:
         row["position_ids"] = row["position_ids"][0]
-    row["stats"] = {"pad_tokens": S - start}
+    valid_patches = int((row["grid_thw"][..., 0] >= 0).sum())
+    row["stats"] = {"pad_tokens": S - start, "pad_patches": N * L - valid_patches, "patch_slots": N * L}
     row["skipped"] = []  # the packer fills in the samples skipped before this row
     return row
 

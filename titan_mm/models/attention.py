@@ -14,6 +14,10 @@ which calls ``attend``. The backend decides the kernel:
 - ``flex``: FlexAttention with a block mask: blocks that no query of a block can see are skipped,
   so packed documents, per-image masks and padding cost little. Compiled (the block's own compile,
   or a compiled call when the block runs eagerly on a GPU).
+- ``flex_flash``: the same block masks run by FlashAttention-4's CuTe kernels (FlexAttention's
+  ``BACKEND: FLASH``; needs the flash-attn-4 package, Hopper or Blackwell). Faster than ``flex``
+  on long documents (2.00 vs 2.84 ms for one causal 8192-token row on an H100), slower on many
+  short ones (1.46 vs 1.03 ms for five documents): docs/benchmarks.md.
 - ``varlen``: variable-length flash attention over the flattened rows (torch.nn.attention.varlen,
   or flash-attn's ``flash_attn_varlen_func`` when installed). Segment lengths come from the
   dataloader (``document_lengths`` / ``frame_lengths``), so no work is spent on masked pairs. CUDA
@@ -37,7 +41,7 @@ try:  # the flash-attn package, when installed, is the fastest varlen kernel on 
 except ImportError:
     flash_attn_varlen_func = None
 
-BACKENDS = ("sdpa", "flex", "varlen")
+BACKENDS = ("sdpa", "flex", "flex_flash", "varlen")
 
 
 def resolve_backend(name: str, device_type: str) -> str:
@@ -103,7 +107,7 @@ def segment_mask(segment_ids_BS: torch.Tensor, *, causal: bool, backend: str,
         if causal:
             visible = visible & (kv_pos[None, :] <= q_pos[:, None])
         mask.dense = visible[:, None]
-    elif backend == "flex":
+    elif backend in ("flex", "flex_flash"):
         mask.block_mask = _flex_block_mask(q_ids, kv_ids, q_pos, kv_pos, causal)
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -160,8 +164,9 @@ def _kernel(q_BSHD, k_BSHD, v_BSHD, mask: AttentionMask) -> torch.Tensor:
         return out.view(B, S, H, D)
 
     q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
-    if mask.backend == "flex":
-        out = _flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+    if mask.backend in ("flex", "flex_flash"):
+        out = _flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa,
+                              flash=mask.backend == "flex_flash")
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
     return out.transpose(1, 2)
@@ -176,14 +181,15 @@ documents (1024 + 3072 + 2048 + 512 + 1536 tokens, 16 x 128-dim heads) forward +
 1.10 ms instead of 1.61 ms with the defaults (scripts/bench_attention.py, docs/benchmarks.md)."""
 
 
-def _flex_attention(q, k, v, **kwargs):
+def _flex_attention(q, k, v, flash: bool, **kwargs):
     """flex_attention, compiled: inside a compiled block it is traced as it is; an eager block on
-    a GPU calls a compiled copy (eager FlexAttention materialises the scores). Eager on CPU."""
+    a GPU calls a compiled copy (eager FlexAttention materialises the scores). Eager on CPU.
+    flash: FlashAttention-4 kernels instead of the Triton ones (GPUs)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
     if not q.is_cuda:
         return flex_attention(q, k, v, **kwargs)
-    kwargs["kernel_options"] = FLEX_CUDA_TILES
+    kwargs["kernel_options"] = {"BACKEND": "FLASH"} if flash else FLEX_CUDA_TILES
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
     if _compiled_flex is None:

@@ -8,6 +8,8 @@ from collections import Counter
 
 import torch
 
+from titan_mm.data.packing import SIZE_STATS
+
 logger = logging.getLogger(__name__)
 
 MAX_SKIPS_SHOWN = 3
@@ -50,6 +52,7 @@ class MetricsLogger:
             self.writer = SummaryWriter(tb_folder)
         self.data_totals: Counter = Counter()
         """This rank's data counts since the start of the run."""
+        self.warned_patch_padding = False
         self._reset_window()
 
     def _reset_window(self):
@@ -81,13 +84,20 @@ class MetricsLogger:
         mem = peak_memory_gib(self.device)
         eta = (self.total_steps - step) * elapsed / max(1, self.window_steps)
         pad = self.window_data.get("pad_tokens", 0) / max(1, row_slots * self.window_steps)
+        # the vision encoder computes every one of the N x L patch slots, valid or not
+        patch_pad = self.window_data.get("pad_patches", 0) / max(1, self.window_data.get("patch_slots", 0))
+        if patch_pad > 0.5 and not self.warned_patch_padding:
+            self.warned_patch_padding = True
+            logger.warning("%.0f%% of the image patch slots (data.max_images_per_row x max_patches_per_image) "
+                           "are padding that the vision encoder still computes: lower those two to fit the "
+                           "data", 100 * patch_pad)
         # "samples/NAME" and "tokens/NAME": per-source counts of a mixture
         per_source = {k: v for k, v in data_totals.items() if "/" in k}
         skipped = {k: v for k, v in data_totals.items()
-                   if k not in ("pad_tokens", "rows", "documents") and k not in per_source}
+                   if k not in SIZE_STATS and k not in per_source}
         parts = [f"step {step:>5}/{self.total_steps}", f"loss {loss:7.4f}", f"grad_norm {grad_norm:7.3f}",
                  f"lr {lr:.2e}", f"tok/s {tps:,.0f}", "mfu " + (f"{100 * mfu:.1f}%" if mfu else "-"),
-                 f"mem {mem:.2f}GiB", f"pad {100 * pad:.1f}%",
+                 f"mem {mem:.2f}GiB", f"pad {100 * pad:.1f}%", f"img pad {100 * patch_pad:.0f}%",
                  f"skipped {sum(skipped.values())}" + (f" {dict(sorted(skipped.items()))}" if skipped else ""),
                  f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
         if per_source:
@@ -97,7 +107,7 @@ class MetricsLogger:
             logger.info("  skipped since the last log line: %s", ref)
         if self.writer:
             scalars = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
-                       "memory_gib": mem, "pad_fraction": pad}
+                       "memory_gib": mem, "pad_fraction": pad, "patch_pad_fraction": patch_pad}
             if mfu:
                 scalars["mfu"] = mfu
             for k, v in scalars.items():
