@@ -103,3 +103,25 @@ def test_model_learns_to_use_the_images(tmp_path):
     swapped_loss = caption_loss(cfg, model, trainer.model_args, val, shift=37)
     print(f"held-out caption loss: true images {true_loss:.4f}, swapped {swapped_loss:.4f}")
     assert true_loss <= 0.75 * swapped_loss
+
+
+def test_compiled_blocks_do_not_recompile_across_steps(tmp_path):
+    """After the first step every compiled graph exists: later steps, whose batches hold other
+    documents and images, run with recompiles forbidden (torch.compiler's fail_on_recompile)."""
+    import torch
+    import train
+    cfg = make_config(tmp_path, "--compile.enable", "true", "--training.seq_len", "256",
+                      "--data.max_images_per_row", "10", "--checkpoint.enable", "false",
+                      "--metrics.log_freq", "100", "--training.steps", "4")
+    trainer = train.Trainer(cfg)
+    data = iter(trainer.dataloader)
+    try:
+        for step in range(1, 5):
+            if step == 2:
+                torch.compiler.set_stance("fail_on_recompile")
+            trainer.train_state.step = step
+            trainer.train_step(data)
+    finally:
+        torch.compiler.set_stance("default")
+    losses = [loss.item() for loss in trainer.losses]
+    assert len(losses) == 4 and losses[-1] < losses[0]
