@@ -64,6 +64,24 @@ def apply_tp_vision(blocks: nn.ModuleDict, tp_mesh: DeviceMesh):
         parallelize_block(block, tp_mesh, plan, n_extra_inputs=1)
 
 
+def qwen_vit_block_plan(mlp: dict) -> dict:
+    """Qwen-VL ViT blocks (norm1, attn(x, cos, sin, mask) with q/k/v_proj and proj, norm2, mlp):
+    sequence parallelism splits the patch axis L for the norms; attention runs on all L patches
+    with its heads split; ``mlp`` maps the MLP's linears to Colwise / Rowwise(output Shard(1))."""
+    return {
+        "norm1": SequenceParallel(),
+        "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                   desired_input_layouts=(Replicate(), None, None, None)),
+        "attn.q_proj": ColwiseParallel(),
+        "attn.k_proj": ColwiseParallel(),
+        "attn.v_proj": ColwiseParallel(),
+        "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
+        "norm2": SequenceParallel(),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        **mlp,
+    }
+
+
 def apply_tp_embeddings_and_head(decoder: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool):
     """Token embeddings and output head split over the vocabulary (rows of both weights).
 

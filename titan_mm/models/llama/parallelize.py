@@ -35,3 +35,11 @@ def tensor_parallel_sizes(args, cfg) -> dict[str, int]:
     return {"decoder n_heads": d.n_heads, "decoder n_kv_heads": d.n_kv_heads,
             "decoder ffn_hidden_dim": d.ffn_hidden_dim, "decoder vocab_size": d.vocab_size,
             "training.seq_len": cfg.training.seq_len}
+
+
+def vlm_tensor_parallel_sizes(args, cfg) -> dict[str, int]:
+    """A vision-language model's: the decoder's, plus the ViT's heads, MLP units and patch slots
+    (its sequence)."""
+    return {**tensor_parallel_sizes(args, cfg), "vision n_heads": args.vision.n_heads,
+            "vision ffn_hidden_dim": args.vision.ffn_hidden_dim,
+            "data.max_patches_per_image": cfg.data.max_patches_per_image}

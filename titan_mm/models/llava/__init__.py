@@ -5,9 +5,10 @@ import dataclasses
 from titan_mm.models import ModelSpec
 from titan_mm.models.llama import FLAVORS as TEXT_FLAVORS
 from titan_mm.models.llama.model import DecoderArgs
+from titan_mm.models.llama.parallelize import vlm_tensor_parallel_sizes
 from titan_mm.models.llava.hf_adapter import LlavaAdapter
 from titan_mm.models.llava.model import LlavaArgs, LlavaModel, training_flops
-from titan_mm.models.llava.parallelize import parallelize_llava, tensor_parallel_sizes
+from titan_mm.models.llava.parallelize import parallelize_llava
 from titan_mm.models.siglip2.model import VisionArgs
 
 # SigLIP2 so400m-patch16-naflex, as HF LLaVA reads it: last encoder layer, before post_layernorm
@@ -51,4 +52,4 @@ FLAVORS["debug-untied"] = dataclasses.replace(
 
 SPEC = ModelSpec(name="llava", flavors=FLAVORS, model_cls=LlavaModel, parallelize=parallelize_llava,
                  training_flops=training_flops, hf_adapter=LlavaAdapter(),
-                 tensor_parallel_sizes=tensor_parallel_sizes)
+                 tensor_parallel_sizes=vlm_tensor_parallel_sizes)

@@ -5,7 +5,6 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan_mm.config import ActivationCheckpoint, Compile
-from titan_mm.models.llama.parallelize import tensor_parallel_sizes as decoder_tensor_parallel_sizes
 from titan_mm.models.llava.model import LlavaModel
 from titan_mm.parallel.activation_checkpoint import apply_activation_checkpointing
 from titan_mm.parallel.common import apply_compile, apply_fsdp, fsdp_mesh
@@ -34,9 +33,3 @@ def parallelize_llava(model: LlavaModel, parallel_dims: ParallelDims, mesh: Devi
         apply_fsdp(blocks, model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
     return model
 
-
-def tensor_parallel_sizes(args, cfg) -> dict[str, int]:
-    """The decoder's, plus the ViT's heads, MLP units and patch slots (its sequence)."""
-    return {**decoder_tensor_parallel_sizes(args, cfg), "vision n_heads": args.vision.n_heads,
-            "vision ffn_hidden_dim": args.vision.ffn_hidden_dim,
-            "data.max_patches_per_image": cfg.data.max_patches_per_image}

@@ -5,9 +5,10 @@ import dataclasses
 
 from titan_mm.models import ModelSpec
 from titan_mm.models.llama.model import DecoderArgs
+from titan_mm.models.llama.parallelize import vlm_tensor_parallel_sizes
 from titan_mm.models.qwen2_5_vl.hf_adapter import Qwen2_5_VLAdapter
 from titan_mm.models.qwen2_5_vl.model import Qwen2_5_VLArgs, Qwen2_5_VLModel, VisionArgs, training_flops
-from titan_mm.models.qwen2_5_vl.parallelize import parallelize_qwen2_5_vl, tensor_parallel_sizes
+from titan_mm.models.qwen2_5_vl.parallelize import parallelize_qwen2_5_vl
 
 
 def _released(vision_ffn: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn: int,
@@ -48,4 +49,4 @@ FLAVORS["debug-untied"] = dataclasses.replace(
 
 SPEC = ModelSpec(name="qwen2_5_vl", flavors=FLAVORS, model_cls=Qwen2_5_VLModel,
                  parallelize=parallelize_qwen2_5_vl, training_flops=training_flops,
-                 hf_adapter=Qwen2_5_VLAdapter(), tensor_parallel_sizes=tensor_parallel_sizes)
+                 hf_adapter=Qwen2_5_VLAdapter(), tensor_parallel_sizes=vlm_tensor_parallel_sizes)

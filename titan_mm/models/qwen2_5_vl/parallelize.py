@@ -4,18 +4,17 @@ then FSDP2."""
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel)
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from titan_mm.config import ActivationCheckpoint, Compile
-from titan_mm.models.llama.parallelize import tensor_parallel_sizes as decoder_tensor_parallel_sizes
 from titan_mm.models.qwen2_5_vl.model import Qwen2_5_VLModel
 from titan_mm.parallel.activation_checkpoint import apply_activation_checkpointing
 from titan_mm.parallel.common import apply_compile, apply_fsdp, fsdp_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims
 from titan_mm.parallel.sequence import apply_sequence_parallel
-from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_embeddings_and_head, parallelize_block
+from titan_mm.parallel.tensor_parallel import (apply_tp_decoder, apply_tp_embeddings_and_head, parallelize_block,
+                                               qwen_vit_block_plan)
 
 
 def parallelize_qwen2_5_vl(model: Qwen2_5_VLModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
@@ -47,26 +46,7 @@ def apply_tp_vision(blocks: nn.ModuleDict, tp_mesh: DeviceMesh):
     Sequence parallelism splits the patch axis L for the RMSNorms; attention (q/k/v by heads) and
     the SwiGLU MLP (by hidden units) run on all L patches. The merger stays replicated.
     """
-    plan = {
-        "norm1": SequenceParallel(),
-        "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                   desired_input_layouts=(Replicate(), None, None, None)),
-        "attn.q_proj": ColwiseParallel(),
-        "attn.k_proj": ColwiseParallel(),
-        "attn.v_proj": ColwiseParallel(),
-        "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
-        "norm2": SequenceParallel(),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
-    }
+    plan = qwen_vit_block_plan({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                                "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))})
     for block in blocks.values():
         parallelize_block(block, tp_mesh, plan, n_extra_inputs=4)
-
-
-def tensor_parallel_sizes(args, cfg) -> dict[str, int]:
-    """The decoder's, plus the ViT's heads, MLP units and patch slots (its sequence)."""
-    return {**decoder_tensor_parallel_sizes(args, cfg), "vision n_heads": args.vision.n_heads,
-            "vision ffn_hidden_dim": args.vision.ffn_hidden_dim,
-            "data.max_patches_per_image": cfg.data.max_patches_per_image}
