@@ -217,3 +217,21 @@ def test_hsdp_with_one_shard_per_replica_matches_fsdp(tmp_path):
     hsdp = torchrun(2, tmp_path / "hsdp", *common, "--parallelism.data_parallel_replicate_degree", "2",
                     "--parallelism.data_parallel_shard_degree", "1")
     assert hsdp == pytest.approx(fsdp, rel=1e-6)
+
+
+def test_checkpoint_saved_under_fsdp4_resumes_under_fsdp2_x_tp2_with_data_shards(tmp_path):
+    """data.num_shards = 4 makes the data independent of the layout: save at step 3 under FSDP(4)
+    (one shard per rank, 1 row each), resume under FSDP(2) x TP(2) with 2 rows per rank (two
+    shards each): the global batches, and so steps 4-5, match the uninterrupted FSDP(4) run."""
+    seed = seed_checkpoint(tmp_path)
+    common = ["--training.steps", "5", "--checkpoint.enable", "true", "--checkpoint.initial_load_path", seed,
+              "--checkpoint.interval", "3", "--checkpoint.export_model_only", "false", "--data.num_shards", "4"]
+    straight = torchrun(4, tmp_path / "straight", *common)
+    torchrun(4, tmp_path / "resharded", *common, "--training.steps", "3")
+    resumed = torchrun(4, tmp_path / "resharded", *common, "--parallelism.data_parallel_shard_degree", "2",
+                       "--parallelism.tensor_parallel_degree", "2", "--training.local_batch_size", "2")
+    assert sorted(resumed) == [4, 5]
+    rel = max(abs(resumed[s] - straight[s]) / abs(straight[s]) for s in (4, 5))
+    print(f"FSDP(4) -> FSDP(2) x TP(2) resume with 4 data shards, max relative loss difference at "
+          f"steps 4-5: {rel:.2e}")
+    assert rel < 1e-5, (resumed, straight)

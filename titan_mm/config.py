@@ -98,6 +98,14 @@ class Data:
     """Best-fit packer: how many partly filled rows are kept open for incoming documents."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process)."""
+    num_shards: int = 0
+    """Data shards independent of the layout: the data is read as this many independent streams
+    (each its own share of the samples and its own packer), each data-parallel rank hosting
+    num_shards / dp of them and taking one row from each in turn. Checkpoints keep one state per
+    shard, so a run resumes under another data-parallel degree (e.g. FSDP(4) -> FSDP(2) x TP(2)
+    with local_batch_size doubled) and continues the same global batches. Must be a multiple of the
+    data-parallel degree and divide into local_batch_size x dp; needs num_workers = 0. 0 = one
+    stream per data-parallel rank (checkpoints then resume only under the same dp degree)."""
     shuffle: bool = True
     """Reshuffle the samples every epoch (seeded by job.seed and the epoch): the order of files
     (Parquet: row groups; webdataset: shards) and a shuffle buffer of records."""

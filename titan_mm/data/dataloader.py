@@ -7,9 +7,11 @@ Its state (every worker's source position and open packer rows) goes into checkp
 from collections import Counter
 
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from titan_mm.config import Data
+from titan_mm.config import ConfigError, Data
 from titan_mm.data.chat import ChatDocumentBuilder
 from titan_mm.data.documents import DocumentBuilder
 from titan_mm.data.image import ImageProcessor, VisionInputSpec
@@ -101,18 +103,69 @@ def build_source(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, seq_
     return MixtureSource(sources, cfg.mixture_weights, names, seed=seed, dp_rank=dp_rank)
 
 
+class ShardRows(IterableDataset, Stateful):
+    """Rows of several data shards in turn (one row of each, then again): a rank hosting shards
+    2r and 2r+1 of 4 yields what ranks 2r and 2r+1 of a 4-rank run would, so the global batch is
+    the same whatever the data-parallel degree. Each shard's packer is checkpointed on its own."""
+
+    def __init__(self, packers: dict[int, BestFitPacker]):
+        self.packers = packers
+
+    def __iter__(self):
+        streams = [iter(p) for p in self.packers.values()]
+        while True:
+            for stream in streams:
+                yield next(stream)
+
+    def state_dict(self) -> dict:
+        return {str(shard): p.state_dict() for shard, p in self.packers.items()}
+
+    def load_state_dict(self, state: dict):
+        for shard, p in self.packers.items():
+            p.load_state_dict(state[str(shard)])
+
+
+def check_data_shards(cfg: Data, batch_size: int, dp_world: int) -> int:
+    """Shards each data-parallel rank hosts (1 without data.num_shards); impossible settings raise."""
+    if not cfg.num_shards:
+        return 1
+    if cfg.num_shards % dp_world:
+        raise ConfigError(f"data.num_shards={cfg.num_shards} must be a multiple of the data-parallel "
+                          f"degree {dp_world}")
+    per_rank = cfg.num_shards // dp_world
+    if batch_size % per_rank:
+        raise ConfigError(f"training.local_batch_size={batch_size} must be a multiple of the "
+                          f"{per_rank} data shards each rank hosts (data.num_shards / data-parallel "
+                          f"degree), so every step takes the same rows from every shard")
+    if cfg.num_workers:
+        raise ConfigError("data.num_shards needs data.num_workers = 0 (shard states are checkpointed "
+                          "from the training process)")
+    return per_rank
+
+
 def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, seq_len: int,
                      batch_size: int, dp_rank: int, dp_world: int, seed: int) -> StatefulDataLoader:
+    """Batches of this data-parallel rank. With data.num_shards the dataset is a ShardRows (its
+    ``packers`` hold one state per hosted shard)."""
     check_image_budget(cfg, spec.patch_size, spec.spatial_merge_size)
-    source = build_source(cfg, tokenizer, spec, seq_len=seq_len, dp_rank=dp_rank, dp_world=dp_world,
-                          seed=seed)
+    per_rank = check_data_shards(cfg, batch_size, dp_world)
     merge_area = spec.merge_area
     media_token_ids = tuple(i for i in (tokenizer.image_id, tokenizer.video_id) if i is not None)
     shape = RowShape(seq_len=seq_len, max_images=cfg.max_images_per_row,
                      max_patches=cfg.max_patches_per_image, patch_dim=spec.patch_dim,
                      merge_area=merge_area, pad_id=tokenizer.pad_id, media_token_ids=media_token_ids,
                      position_dims=spec.position_dims)
-    packer = BestFitPacker(source, shape, cfg.pack_open_bins)
-    return StatefulDataLoader(packer, batch_size=batch_size, num_workers=cfg.num_workers,
+
+    def packer(shard: int, shards: int) -> BestFitPacker:
+        source = build_source(cfg, tokenizer, spec, seq_len=seq_len, dp_rank=shard, dp_world=shards,
+                              seed=seed)
+        return BestFitPacker(source, shape, cfg.pack_open_bins)
+
+    if cfg.num_shards:
+        first = dp_rank * per_rank
+        dataset = ShardRows({s: packer(s, cfg.num_shards) for s in range(first, first + per_rank)})
+    else:
+        dataset = packer(dp_rank, dp_world)
+    return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
                               collate_fn=Collator(cfg.max_patches_per_image // merge_area),
                               persistent_workers=cfg.num_workers > 0)

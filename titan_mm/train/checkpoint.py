@@ -145,9 +145,16 @@ class CheckpointManager:
             "optimizer": OptimizerState(model_parts, optimizers),
             "lr_scheduler": LRSchedulerState(lr_schedulers),
             "train_state": train_state,
-            f"dataloader_dp{dp_rank}": RankLocalState(dataloader.state_dict, dataloader.load_state_dict),
             f"rng_dp{dp_rank}": RankLocalState(rng_state, set_rng_state),
         }
+        packers = getattr(dataloader.dataset, "packers", None)
+        if packers is not None:
+            # data.num_shards: one entry per data shard, whichever rank hosts it now
+            for shard, packer in packers.items():
+                self.states[f"data_shard{shard}"] = RankLocalState(packer.state_dict, packer.load_state_dict)
+        else:
+            self.states[f"dataloader_dp{dp_rank}"] = RankLocalState(dataloader.state_dict,
+                                                                    dataloader.load_state_dict)
 
     def step_folder(self, step: int) -> str:
         return os.path.join(self.folder, f"step-{step}")
