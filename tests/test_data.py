@@ -175,3 +175,16 @@ def test_a_file_whose_samples_are_all_bad_stops_with_a_clear_error(tokenizer):
 def test_image_budget_that_cannot_fit_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="raise max_patches_per_image to 256"):
         loader(tokenizer, max_pixels=128 * 128)
+
+
+@pytest.mark.parametrize("shards,batch,dp,workers,message", [
+    (3, 2, 2, 0, "must be a multiple of the data-parallel degree 2"),
+    (8, 3, 2, 0, "multiple of the\\s+4 data shards each rank hosts"),
+    (4, 2, 2, 2, "needs data.num_workers = 0"),
+])
+def test_impossible_data_shard_settings_name_the_fix(shards, batch, dp, workers, message):
+    from titan_mm.config import ConfigError, Data
+    from titan_mm.data.dataloader import check_data_shards
+    with pytest.raises(ConfigError, match=message):
+        check_data_shards(Data(num_shards=shards, num_workers=workers), batch, dp)
+    assert check_data_shards(Data(num_shards=4), 2, 2) == 2 and check_data_shards(Data(), 1, 4) == 1
