@@ -132,12 +132,14 @@ def write_profile(step, path: str):
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
-def hf_rows(path: str) -> list[dict]:
-    """The baseline's Qwen3-VL-2B row (no activation checkpointing) from hf_vlm_baseline.py's JSON."""
+def hf_rows(path: str, model: str = "qwen3-vl-2b-shape", grad_ckpt: bool = False) -> list[dict]:
+    """The baseline's row for ``model`` (with or without activation checkpointing) from
+    hf_vlm_baseline.py's JSON."""
     rows = []
     for r in json.load(open(path))["runs"]:
-        if r.get("model") == "qwen3-vl-2b-shape" and not r.get("grad_ckpt") and "error" not in r:
-            rows.append(dict(name="HF transformers qwen3-vl-2b-shape", params_b=r["params_b"],
+        if r.get("model") == model and bool(r.get("grad_ckpt")) == grad_ckpt and "error" not in r:
+            rows.append(dict(name=f"HF transformers {model}" + (" grad ckpt" if grad_ckpt else ""),
+                             params_b=r["params_b"],
                              step_s=r["step_s"], tokens_per_s=r["tokens_per_s"], mfu_vs_989=r["mfu_vs_989"],
                              peak_mem_gib=r["peak_mem_gib"], loss=r["loss"]))
     return rows
@@ -171,6 +173,10 @@ def run_variant(**kwargs) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf-json", default=None)
+    parser.add_argument("--hf-model", default="qwen3-vl-2b-shape", help="which baseline row to compare with")
+    parser.add_argument("--hf-grad-ckpt", action="store_true", help="the baseline row with activation "
+                        "checkpointing (compare with --ac full)")
+    parser.add_argument("--side", type=int, default=512, help="image side in pixels (4 images)")
     parser.add_argument("--family", default="qwen3_vl")
     parser.add_argument("--flavor", default="2B")
     parser.add_argument("--steps", type=int, default=8)
@@ -184,7 +190,7 @@ def main():
     parser.add_argument("--profile", default=None, help="write a kernel-time table of one step per "
                         "variant into this folder")
     opts = parser.parse_args()
-    rows = hf_rows(opts.hf_json) if opts.hf_json else []
+    rows = hf_rows(opts.hf_json, opts.hf_model, opts.hf_grad_ckpt) if opts.hf_json else []
     modes = {"off": [False], "on": [True], "both": [False, True]}[opts.compile]
     for backend in opts.backend:
         for compiled in modes:
@@ -193,6 +199,7 @@ def main():
                            if opts.profile else None)
                 rows.append(run_variant(family=opts.family, flavor=opts.flavor, compile_blocks=compiled,
                                         steps=opts.steps, warmup=opts.warmup, backend=backend, ac=ac,
+                                        side=opts.side,
                                         profile=profile, skip_guards=opts.skip_guards))
     print()
     print(markdown_table(rows))
