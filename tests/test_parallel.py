@@ -235,3 +235,17 @@ def test_checkpoint_saved_under_fsdp4_resumes_under_fsdp2_x_tp2_with_data_shards
     print(f"FSDP(4) -> FSDP(2) x TP(2) resume with 4 data shards, max relative loss difference at "
           f"steps 4-5: {rel:.2e}")
     assert rel < 1e-5, (resumed, straight)
+
+
+UNTIED_2_ROWS = ["--model.flavor", "debug-untied", "--training.local_batch_size", "2"]
+
+
+@pytest.mark.parametrize("model,layout", [
+    ([], ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree", "2",
+          "--parallelism.tensor_parallel_degree", "2"]),
+    (UNTIED_2_ROWS, ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.pipeline_parallel_degree", "2",
+                     "--parallelism.tensor_parallel_degree", "2"]),
+], ids=["fsdp2xcp2xtp2", "fsdp2xpp2xtp2"])
+def test_three_dimensional_layouts_match_single_process(tmp_path, model, layout):
+    """8 processes, two of the 3-D layouts an 8-GPU node runs (issue 7), on CPU."""
+    assert_layout_matches_single_process(tmp_path, 8, 2, model, layout)
