@@ -19,15 +19,15 @@ from torch.distributed.tensor import DTensor
 from titan_mm.config import ConfigError, JobConfig, parse_args, to_toml
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.dataloader import build_dataloader
-from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.data.packing import IGNORE_INDEX
+from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.models.attention import resolve_backend
 from titan_mm.parallel.common import group_by_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
 from titan_mm.parallel.pipeline import (build_pipeline_schedule, check_pipeline, microbatch_image_token_index,
                                         pipeline_microbatches, split_stage, stage_indices)
-from titan_mm.parallel.sequence import SequenceParallel, check_sequence_parallel, shard_batch
+from titan_mm.parallel.sequence import check_sequence_parallel, sequence_parallel_group, shard_batch
 from titan_mm.train.checkpoint import CheckpointManager
 from titan_mm.train.loss import loss_parallel_context, loss_sum
 from titan_mm.train.lr_scheduler import build_lr_scheduler
@@ -97,10 +97,7 @@ class Trainer:
         self.loss_group = mesh["loss"].get_group() if mesh is not None else None
         self.dp_group = mesh["dp"].get_group() if mesh is not None else None
         # ranks of a CP / Ulysses group read the same rows and keep their share of each
-        self.sequence_parallel = None
-        if self.parallel_dims.cp_enabled or self.parallel_dims.ulysses_enabled:
-            mode = "cp" if self.parallel_dims.cp_enabled else "ulysses"
-            self.sequence_parallel = SequenceParallel(mode, mesh[mode])
+        self.sequence_parallel = sequence_parallel_group(mesh, self.parallel_dims)
         self.pp_group = mesh["pp"].get_group() if self.parallel_dims.pp_enabled else None
 
         with torch.device("meta"):

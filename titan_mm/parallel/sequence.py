@@ -164,9 +164,15 @@ def check_sequence_parallel(dims, decoder_args, seq_len: int, image_slots: int, 
             f"of {degree}")
 
 
+def sequence_parallel_group(mesh, dims) -> SequenceParallel | None:
+    """The CP or Ulysses group this rank belongs to, or None without sequence parallelism."""
+    if dims.cp_enabled:
+        return SequenceParallel("cp", mesh["cp"])
+    if dims.ulysses_enabled:
+        return SequenceParallel("ulysses", mesh["ulysses"])
+    return None
+
+
 def apply_sequence_parallel(decoder, mesh, dims):
     """Hand the decoder (and with it the model's image encoding) its sequence-parallel group."""
-    if dims.cp_enabled:
-        decoder.sequence_parallel = SequenceParallel("cp", mesh["cp"])
-    elif dims.ulysses_enabled:
-        decoder.sequence_parallel = SequenceParallel("ulysses", mesh["ulysses"])
+    decoder.sequence_parallel = sequence_parallel_group(mesh, dims)

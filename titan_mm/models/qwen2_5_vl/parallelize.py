@@ -1,43 +1,21 @@
-"""How Qwen2.5-VL is parallelized: tensor parallelism, then activation checkpointing, then compile,
-then FSDP2."""
+"""How Qwen2.5-VL is parallelized: the shared vision-language order
+(titan_mm/parallel/vision_language.py) with this family's ViT plan and FSDP units."""
 
-import torch
+import functools
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from titan_mm.config import ActivationCheckpoint, Compile
-from titan_mm.models.qwen2_5_vl.model import Qwen2_5_VLModel
-from titan_mm.parallel.activation_checkpoint import apply_activation_checkpointing
-from titan_mm.parallel.common import apply_compile, apply_fsdp, fsdp_mesh
-from titan_mm.parallel.parallel_dims import ParallelDims
-from titan_mm.parallel.sequence import apply_sequence_parallel
-from titan_mm.parallel.tensor_parallel import (apply_tp_decoder, apply_tp_embeddings_and_head, parallelize_block,
-                                               qwen_vit_block_plan)
+from titan_mm.parallel.tensor_parallel import parallelize_block, qwen_vit_block_plan
+from titan_mm.parallel.vision_language import parallelize_vision_language
 
 
-def parallelize_qwen2_5_vl(model: Qwen2_5_VLModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
-                           compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
-    apply_sequence_parallel(model.decoder, mesh, parallel_dims)
-    # a later pipeline stage has no vision encoder
-    block_groups = [part.layers for part in (model.vision, model.decoder) if part is not None]
-    if parallel_dims.tp_enabled:
-        if model.vision is not None:
-            apply_tp_vision(model.vision.layers, mesh["tp"])
-        apply_tp_decoder(model.decoder.layers, mesh["tp"], model.args.decoder.qk_norm)
-        apply_tp_embeddings_and_head(model.decoder, mesh["tp"], parallel_dims.loss_parallel_enabled)
-    for blocks in block_groups:
-        apply_activation_checkpointing(blocks, ac_cfg)
-    if compile_cfg.enable:
-        for blocks in block_groups:
-            apply_compile(blocks)
-    if parallel_dims.fsdp_enabled:
-        # the merger's (4 * vision dim)^2 weight is large enough to gather on its own
-        vision = [*model.vision.layers.values(), model.vision.merger] if model.vision is not None else []
-        blocks = [*vision, *model.decoder.layers.values()]
-        apply_fsdp(blocks, model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
-    return model
+def vision_fsdp_units(vision) -> list:
+    """The ViT blocks and mergers, each an FSDP unit of its own."""
+    # the merger's (4 * vision dim)^2 weight is large enough to gather on its own
+    return [*vision.layers.values(), vision.merger]
 
 
 def apply_tp_vision(blocks: nn.ModuleDict, tp_mesh: DeviceMesh):
@@ -50,3 +28,7 @@ def apply_tp_vision(blocks: nn.ModuleDict, tp_mesh: DeviceMesh):
                                 "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))})
     for block in blocks.values():
         parallelize_block(block, tp_mesh, plan, n_extra_inputs=4)
+
+
+parallelize_qwen2_5_vl = functools.partial(parallelize_vision_language, apply_tp_vision=apply_tp_vision,
+                                           vision_fsdp_units=vision_fsdp_units)
