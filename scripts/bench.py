@@ -56,7 +56,7 @@ def baseline_batch(args, spec, seq_len: int, n_images: int, side: int) -> dict:
 
 def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: int, backend: str = "flex",
           ac: str = "none", seq_len: int = 8192, n_images: int = 4, side: int = 512,
-          profile: str | None = None, skip_guards: bool = False) -> dict:
+          profile: str | None = None, skip_guards: bool = False, cuda_graph: bool = False) -> dict:
     """Train ``steps`` steps on one baseline-shaped batch; tokens/s, MFU, peak memory."""
     spec = get_model_spec(family)
     args = with_attention_backend(spec.flavors[flavor], backend)
@@ -73,7 +73,7 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
     torch.manual_seed(0)
     model.init_weights()
     model.to(torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=cuda_graph)
     n_labels = int((inputs["labels"] != -100).sum())
 
     def step():
@@ -84,29 +84,58 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):
-        step()
+    if cuda_graph:
+        run = graphed_step(model, opt, inputs, n_labels, warmup)
+    else:
+        run = step
+        for _ in range(warmup):
+            step()
     if skip_guards:  # every graph exists now: check only the guards that tell cached graphs apart
         torch.compiler.set_stance(skip_guard_eval_unsafe=True)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if not cuda_graph:  # a graph's memory is all allocated while it is captured: keep that peak
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = step()
+        loss = run()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     if profile:
-        write_profile(step, profile)
+        write_profile(run, profile)
     if skip_guards:
         torch.compiler.set_stance(skip_guard_eval_unsafe=False)
     flops = spec.training_flops(args, shape)
     n_params = sum(p.numel() for p in model.parameters())
     name = (f"titan_mm {family}/{flavor} {backend} {'compiled' if compile_blocks else 'eager'} ac={ac}"
-            + (" skip-guards" if skip_guards else ""))
+            + (" skip-guards" if skip_guards else "") + (" cuda-graph" if cuda_graph else ""))
     return dict(name=name, family=family, flavor=flavor, backend=backend, compiled=compile_blocks, ac=ac,
                 params_b=round(n_params / 1e9, 3), step_s=round(dt, 4), tokens_per_s=round(seq_len / dt, 1),
                 mfu_vs_989=round(flops / dt / 989e12, 3),
                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=round(loss.item(), 4))
+
+
+def graphed_step(model, opt, inputs, n_labels, warmup):
+    """The whole step (forward, backward, optimizer) captured once as one CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream: compile, cuBLAS handles, optimizer state
+        for _ in range(warmup):
+            (model(**inputs) / n_labels).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = model(**inputs) / n_labels
+        loss.backward()
+        opt.step()  # gradients stay in the graph's pool; the next replay overwrites them
+
+    def replay():
+        graph.replay()
+        return loss
+    return replay
 
 
 AC_MODES = ("none", "full", "op", "2")
@@ -121,15 +150,33 @@ def ac_config(name: str) -> ActivationCheckpoint:
 
 
 def write_profile(step, path: str):
-    """One profiled step: the top CUDA kernels by total time, as a text table at ``path``."""
+    """One profiled step: GPU kernel time by kind, then the top kernels, as text at ``path``."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e3
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
-        f.write("\n\nkernels only:\n")
-        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+        f.write(f"GPU kernel time: {sum(kinds.values()):.1f} ms\n")
+        for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            f.write(f"{kind:12s} {ms:8.1f} ms\n")
+        f.write("\nkernels:\n")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:80]:
+            f.write(f"{e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {kernel_kind(e.key):10s} {e.key[:150]}\n")
+
+
+KERNEL_KINDS = (("matmul", ("nvjet", "gemm", "xmma", "cutlass_80", "cublas")),
+                ("attention", ("flex", "flash", "fmha", "attention", "triton_tem")),
+                ("optimizer", ("adam", "multi_tensor")),
+                ("triton", ("triton_",)))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
 def hf_rows(path: str, model: str = "qwen3-vl-2b-shape", grad_ckpt: bool = False) -> list[dict]:
@@ -187,6 +234,8 @@ def main():
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--skip-guards", action="store_true",
                         help="after warm-up, evaluate only the guards that tell compiled graphs apart")
+    parser.add_argument("--cuda-graph", nargs="+", choices=["off", "on"], default=["off"],
+                        help="capture the whole step as one CUDA graph")
     parser.add_argument("--profile", default=None, help="write a kernel-time table of one step per "
                         "variant into this folder")
     opts = parser.parse_args()
@@ -195,12 +244,13 @@ def main():
     for backend in opts.backend:
         for compiled in modes:
             for ac in opts.ac:
-                profile = (f"{opts.profile}/{backend}_{'compiled' if compiled else 'eager'}_{ac}.txt"
-                           if opts.profile else None)
-                rows.append(run_variant(family=opts.family, flavor=opts.flavor, compile_blocks=compiled,
-                                        steps=opts.steps, warmup=opts.warmup, backend=backend, ac=ac,
-                                        side=opts.side,
-                                        profile=profile, skip_guards=opts.skip_guards))
+                for graph in opts.cuda_graph:
+                    profile = (f"{opts.profile}/{backend}_{'compiled' if compiled else 'eager'}_{ac}_graph{graph}.txt"
+                               if opts.profile else None)
+                    rows.append(run_variant(family=opts.family, flavor=opts.flavor, compile_blocks=compiled,
+                                            steps=opts.steps, warmup=opts.warmup, backend=backend, ac=ac,
+                                            side=opts.side, profile=profile, skip_guards=opts.skip_guards,
+                                            cuda_graph=graph == "on"))
     print()
     print(markdown_table(rows))
     if opts.out:
