@@ -29,6 +29,7 @@ from titan_mm.parallel.pipeline import (build_pipeline_schedule, check_pipeline,
                                         pipeline_microbatches, split_stage, stage_indices)
 from titan_mm.parallel.sequence import check_sequence_parallel, sequence_parallel_group, shard_batch
 from titan_mm.train.checkpoint import CheckpointManager
+from titan_mm.train.cuda_graph import StepGraph
 from titan_mm.train.loss import loss_parallel_context, loss_sum
 from titan_mm.train.lr_scheduler import build_lr_scheduler
 from titan_mm.train.metrics import MetricsLogger, device_peak_tflops
@@ -38,6 +39,8 @@ logger = logging.getLogger("titan_mm")
 
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "pixel_values", "grid_thw",
                 "image_token_index", "document_lengths", "frame_lengths")
+LENGTHS = ("document_lengths", "frame_lengths")
+"""Inputs of the varlen attention backend only (their shapes change from batch to batch)."""
 
 
 class TrainState:
@@ -86,6 +89,8 @@ class Trainer:
         check_sequence_parallel(self.parallel_dims, self.model_args.decoder, cfg.training.seq_len,
                                 cfg.training.local_batch_size * cfg.data.max_images_per_row, backend)
         self.model_args = with_attention_backend(self.model_args, backend)
+        self.model_inputs = tuple(k for k in MODEL_INPUTS if backend == "varlen" or k not in LENGTHS)
+        check_cuda_graph(cfg, self.device, self.world_size, backend)
         if self.parallel_dims.pp_enabled:
             if self.parallel_dims.cp_enabled or self.parallel_dims.ulysses_enabled:
                 raise ParallelismError("pipeline parallelism does not compose with context parallelism or "
@@ -118,7 +123,8 @@ class Trainer:
 
         # one optimizer and LR schedule per model part (pipeline stage): checkpoints name parameters
         # per part
-        self.optimizers = [build_optimizer(cfg.optimizer, m, self.device.type) for m in self.model_parts]
+        self.optimizers = [build_optimizer(cfg.optimizer, m, self.device, capturable=cfg.compile.cuda_graph)
+                           for m in self.model_parts]
         self.lr_schedulers = [build_lr_scheduler(cfg.lr_scheduler, o, cfg.training.steps) for o in self.optimizers]
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, self.model_args.vision_input, seq_len=cfg.training.seq_len,
@@ -141,6 +147,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=self.compute_dtype)
                          if self.compute_dtype != torch.float32 and not self.parallel_dims.fsdp_enabled
                          else contextlib.nullcontext())
+        self.step_graph = StepGraph(self.device_step) if cfg.compile.cuda_graph else None
 
     def materialise(self, model: torch.nn.Module) -> torch.nn.Module:
         """Allocate a parallelized meta model on the device and initialise it from the job seed."""
@@ -200,20 +207,14 @@ class Trainer:
         if self.sequence_parallel is not None:
             sp_degree = self.sequence_parallel.degree
             microbatches = [shard_batch(mb, self.sequence_parallel) for mb in microbatches]
-        # loss = sum of token losses / valid label tokens of the whole global batch
-        num_labels = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches).float().to(self.device)
-        if self.loss_group is not None:
-            dist.all_reduce(num_labels, group=self.loss_group)
-        loss = torch.zeros((), device=self.device)
-        forward_backward = self.pipeline_forward_backward if self.pp_schedule else self.forward_backward
-        for mb in microbatches:
-            loss += forward_backward(mb, num_labels)
-        params = [p for part in self.model_parts for p in part.parameters()]
-        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm, pp_group=self.pp_group)
-        for optimizer, lr_scheduler in zip(self.optimizers, self.lr_schedulers):
-            optimizer.step()
+        if self.step_graph is not None:
+            inputs = [{k: mb[k] for k in (*self.model_inputs, "labels")} for mb in microbatches]
+            # the graph's outputs are rewritten by the next replay
+            loss, grad_norm = (t.clone() for t in self.step_graph(inputs))
+        else:
+            loss, grad_norm = self.device_step(microbatches)
+        for lr_scheduler in self.lr_schedulers:
             lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
         step = self.train_state.step
         data_stats = {}
@@ -237,8 +238,26 @@ class Trainer:
                              lr=self.lr_schedulers[0].get_last_lr()[0],
                              row_slots=cfg.seq_len * cfg.local_batch_size * cfg.gradient_accumulation_steps)
 
+    def device_step(self, microbatches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of every microbatch, gradient clipping, optimizer: (loss, grad norm).
+        No host syncs: this is what ``compile.cuda_graph`` captures."""
+        # loss = sum of token losses / valid label tokens of the whole global batch
+        num_labels = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches).float().to(self.device)
+        if self.loss_group is not None:
+            dist.all_reduce(num_labels, group=self.loss_group)
+        loss = torch.zeros((), device=self.device)
+        forward_backward = self.pipeline_forward_backward if self.pp_schedule else self.forward_backward
+        for mb in microbatches:
+            loss += forward_backward(mb, num_labels)
+        params = [p for part in self.model_parts for p in part.parameters()]
+        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm, pp_group=self.pp_group)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
     def forward_backward(self, mb: dict, num_labels: torch.Tensor) -> torch.Tensor:
-        inputs = {k: mb[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
+        inputs = {k: mb[k].to(self.device, non_blocking=True) for k in self.model_inputs}
         labels = mb["labels"].to(self.device, non_blocking=True)
         # loss parallelism: the loss and its backward on vocabulary-sharded logits (train/loss.py)
         with loss_parallel_context(self.parallel_dims.loss_parallel_enabled):
@@ -295,6 +314,21 @@ def check_pipeline_job(cfg: JobConfig, spec: ModelSpec, model_args) -> list[rang
                           "(then checkpoint.initial_load_path) or scripts/convert_dcp_to_hf.py instead")
     first_stage_layers = spec.pipeline_first_stage_layers(model_args) if spec.pipeline_first_stage_layers else 1
     return check_pipeline(cfg.parallelism, cfg.training.local_batch_size, model_args.decoder, first_stage_layers)
+
+
+def check_cuda_graph(cfg: JobConfig, device: torch.device, world_size: int, backend: str):
+    """compile.cuda_graph needs one GPU and fixed shapes."""
+    if not cfg.compile.cuda_graph:
+        return
+    if device.type != "cuda":
+        raise ConfigError("compile.cuda_graph needs a CUDA device")
+    if world_size > 1:
+        raise ConfigError("compile.cuda_graph runs on one GPU only: FSDP, TP, CP and PP issue collectives and "
+                          "host work every step; set compile.cuda_graph = false")
+    if backend == "varlen":
+        raise ConfigError("compile.cuda_graph needs fixed shapes, and the varlen attention backend's segment "
+                          "counts change from batch to batch; use model.attention_backend = flex, flex_flash "
+                          "or sdpa")
 
 
 def check_tensor_parallel(dims: ParallelDims, spec: ModelSpec, model_args, cfg: JobConfig):

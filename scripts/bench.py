@@ -28,6 +28,7 @@ from titan_mm.models import get_model_spec  # noqa: E402
 from titan_mm.config import ActivationCheckpoint  # noqa: E402
 from titan_mm.parallel.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
 from titan_mm.parallel.common import apply_compile  # noqa: E402
+from titan_mm.train.cuda_graph import StepGraph  # noqa: E402
 from train import with_attention_backend  # noqa: E402
 
 IMAGE_ID, START_ID, END_ID = 151655, 151652, 151653
@@ -56,7 +57,8 @@ def baseline_batch(args, spec, seq_len: int, n_images: int, side: int) -> dict:
 
 def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: int, backend: str = "flex",
           ac: str = "none", seq_len: int = 8192, n_images: int = 4, side: int = 512,
-          profile: str | None = None, skip_guards: bool = False, cuda_graph: bool = False) -> dict:
+          profile: str | None = None, skip_guards: bool = False, cuda_graph: bool = False,
+          compile_mode: str | None = None) -> dict:
     """Train ``steps`` steps on one baseline-shaped batch; tokens/s, MFU, peak memory."""
     spec = get_model_spec(family)
     args = with_attention_backend(spec.flavors[flavor], backend)
@@ -68,7 +70,7 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
     for blocks in (model.vision.layers, model.decoder.layers):
         apply_activation_checkpointing(blocks, ac_config(ac))
         if compile_blocks:
-            apply_compile(blocks)
+            apply_compile(blocks, compile_mode)
     model.to_empty(device="cuda")
     torch.manual_seed(0)
     model.init_weights()
@@ -76,7 +78,7 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=cuda_graph)
     n_labels = int((inputs["labels"] != -100).sum())
 
-    def step():
+    def step(inputs):
         # the trainer's path: output head + cross-entropy fused in chunks inside the model
         loss = model(**inputs) / n_labels
         loss.backward()
@@ -84,58 +86,36 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
         opt.zero_grad(set_to_none=True)
         return loss
 
+    # with a CUDA graph the memory of the step is allocated while it is captured (the call after
+    # the warm-up): the peak counts from before that
+    run = StepGraph(step, warmup) if cuda_graph else step
     if cuda_graph:
-        run = graphed_step(model, opt, inputs, n_labels, warmup)
-    else:
-        run = step
-        for _ in range(warmup):
-            step()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup + cuda_graph):
+        run(inputs)
     if skip_guards:  # every graph exists now: check only the guards that tell cached graphs apart
         torch.compiler.set_stance(skip_guard_eval_unsafe=True)
     torch.cuda.synchronize()
-    if not cuda_graph:  # a graph's memory is all allocated while it is captured: keep that peak
+    if not cuda_graph:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = run()
+        loss = run(inputs)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
+    last_loss = loss.item()
     if profile:
-        write_profile(run, profile)
+        write_profile(lambda: run(inputs), profile)
     if skip_guards:
         torch.compiler.set_stance(skip_guard_eval_unsafe=False)
     flops = spec.training_flops(args, shape)
     n_params = sum(p.numel() for p in model.parameters())
     name = (f"titan_mm {family}/{flavor} {backend} {'compiled' if compile_blocks else 'eager'} ac={ac}"
-            + (" skip-guards" if skip_guards else "") + (" cuda-graph" if cuda_graph else ""))
+            + (" skip-guards" if skip_guards else "") + (" cuda-graph" if cuda_graph else "") + (f" {compile_mode}" if compile_mode else ""))
     return dict(name=name, family=family, flavor=flavor, backend=backend, compiled=compile_blocks, ac=ac,
                 params_b=round(n_params / 1e9, 3), step_s=round(dt, 4), tokens_per_s=round(seq_len / dt, 1),
                 mfu_vs_989=round(flops / dt / 989e12, 3),
-                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=round(loss.item(), 4))
-
-
-def graphed_step(model, opt, inputs, n_labels, warmup):
-    """The whole step (forward, backward, optimizer) captured once as one CUDA graph and replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream: compile, cuBLAS handles, optimizer state
-        for _ in range(warmup):
-            (model(**inputs) / n_labels).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = model(**inputs) / n_labels
-        loss.backward()
-        opt.step()  # gradients stay in the graph's pool; the next replay overwrites them
-
-    def replay():
-        graph.replay()
-        return loss
-    return replay
+                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=round(last_loss, 4))
 
 
 AC_MODES = ("none", "full", "op", "2")
@@ -168,7 +148,7 @@ def write_profile(step, path: str):
             f.write(f"{e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {kernel_kind(e.key):10s} {e.key[:150]}\n")
 
 
-KERNEL_KINDS = (("matmul", ("nvjet", "gemm", "xmma", "cutlass_80", "cublas")),
+KERNEL_KINDS = (("matmul", ("nvjet", "gemm", "xmma", "cutlass_80", "cublas", "_mm_", "addmm", "bmm")),
                 ("attention", ("flex", "flash", "fmha", "attention", "triton_tem")),
                 ("optimizer", ("adam", "multi_tensor")),
                 ("triton", ("triton_",)))
@@ -236,6 +216,8 @@ def main():
                         help="after warm-up, evaluate only the guards that tell compiled graphs apart")
     parser.add_argument("--cuda-graph", nargs="+", choices=["off", "on"], default=["off"],
                         help="capture the whole step as one CUDA graph")
+    parser.add_argument("--compile-mode", nargs="+", default=["default"],
+                        help="torch.compile modes to compare, e.g. default max-autotune-no-cudagraphs")
     parser.add_argument("--profile", default=None, help="write a kernel-time table of one step per "
                         "variant into this folder")
     opts = parser.parse_args()
@@ -244,13 +226,14 @@ def main():
     for backend in opts.backend:
         for compiled in modes:
             for ac in opts.ac:
-                for graph in opts.cuda_graph:
-                    profile = (f"{opts.profile}/{backend}_{'compiled' if compiled else 'eager'}_{ac}_graph{graph}.txt"
+                for graph, mode in ((g, m) for g in opts.cuda_graph for m in opts.compile_mode):
+                    profile = (f"{opts.profile}/{backend}_{'compiled' if compiled else 'eager'}_{ac}_graph{graph}_{mode}.txt"
                                if opts.profile else None)
                     rows.append(run_variant(family=opts.family, flavor=opts.flavor, compile_blocks=compiled,
                                             steps=opts.steps, warmup=opts.warmup, backend=backend, ac=ac,
                                             side=opts.side, profile=profile, skip_guards=opts.skip_guards,
-                                            cuda_graph=graph == "on"))
+                                            cuda_graph=graph == "on",
+                                            compile_mode=None if mode == "default" else mode))
     print()
     print(markdown_table(rows))
     if opts.out:

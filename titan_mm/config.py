@@ -249,6 +249,10 @@ class Parallelism:
 class Compile:
     enable: bool = False
     """torch.compile each transformer block of the encoder and the decoder."""
+    cuda_graph: bool = False
+    """Capture the whole training step (forward, backward, clipping, optimizer) as one CUDA graph
+    after two warm-up steps and replay it: no per-kernel launch cost. One GPU, no parallelism, and
+    an attention backend with fixed shapes (not varlen); see docs/performance.md."""
 
 
 @dataclass

@@ -7,10 +7,10 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def apply_compile(blocks: nn.ModuleDict):
+def apply_compile(blocks: nn.ModuleDict, mode: str | None = None):
     """torch.compile each block: one graph per block, reused by every layer of the same shape."""
     for block in blocks.values():
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=True, mode=mode)
 
 
 def group_by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -62,12 +62,30 @@ class OptimizerState(Stateful):
     options = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def state_dict(self):
-        return {k: v for part, opt in zip(self.model_parts, self.optimizers)
+        # hyperparameters as numbers: a CUDA-graphed step keeps its lr in a device tensor
+        return {k: v.item() if k.startswith("param_groups.") and isinstance(v, torch.Tensor) else v
+                for part, opt in zip(self.model_parts, self.optimizers)
                 for k, v in get_optimizer_state_dict(part, opt, options=_FLAT).items()}
 
     def load_state_dict(self, state_dict):
         for part, opt in zip(self.model_parts, self.optimizers):
+            kept = [{k: g[k] for k in (*_IMPLEMENTATION, "lr")} for g in opt.param_groups]
             set_optimizer_state_dict(part, opt, state_dict, options=_FLAT)
+            for group, before in zip(opt.param_groups, kept):
+                # the saved values, in this run's form: its own kernels (fused, capturable...), and an
+                # lr tensor stays the same tensor (a captured CUDA graph reads it)
+                group.update({k: before[k] for k in _IMPLEMENTATION})
+                if isinstance(before["lr"], torch.Tensor):
+                    group["lr"] = before["lr"].fill_(float(group["lr"]))
+                if group["capturable"] or group["fused"]:  # their step counts live on the device
+                    for p in group["params"]:
+                        state = opt.state.get(p, {})
+                        if "step" in state:
+                            state["step"] = state["step"].to(p.device, torch.float32)
+
+
+_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+"""Optimizer settings of the running job, not of the job that saved the checkpoint."""
 
 
 class LRSchedulerState(Stateful):

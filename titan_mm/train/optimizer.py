@@ -12,7 +12,10 @@ def _decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2 and not name.endswith(("tok_embeddings.weight", "pos_embed"))
 
 
-def build_optimizer(cfg: OptimizerConfig, model: nn.Module, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimizerConfig, model: nn.Module, device: torch.device,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """capturable: the step may be captured in a CUDA graph; the lr is then a device tensor that the
+    LR schedule fills in place."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # one group per DTensor mesh as well: foreach / fused kernels reject lists that mix meshes or
     # DTensors with plain tensors (tensor-parallel blocks beside replicated layers)
@@ -21,6 +24,13 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, device_type: str) ->
               for same_mesh in group_by_mesh([p for n, p in params if _decays(n, p) == decays])]
     impl = cfg.implementation
     if impl == "auto":
-        impl = "fused" if device_type == "cuda" else "foreach"
+        impl = "fused" if device.type == "cuda" else "foreach"
     kwargs = {"fused": impl == "fused", "foreach": impl == "foreach"}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+    lr = torch.tensor(cfg.lr, device=device) if capturable else cfg.lr
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  capturable=capturable, **kwargs)
+    if capturable:
+        for group in optimizer.param_groups:
+            # the schedule's base: a number, so computing each step's lr needs no device read
+            group["initial_lr"] = cfg.lr
+    return optimizer
