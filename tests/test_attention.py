@@ -1,12 +1,16 @@
-"""Attention backends agree with the dense reference; sequence-parallel layouts are validated."""
+"""Attention backends agree with the dense reference; Ulysses attention matches one process;
+sequence-parallel layouts are validated."""
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
 
 from titan_mm.data.dataloader import run_lengths
 from titan_mm.models.attention import attend, segment_mask
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
-from titan_mm.parallel.sequence import check_sequence_parallel
+from titan_mm.parallel.sequence import SequenceParallel, check_sequence_parallel
 from titan_mm.models.llama.model import DecoderArgs
 
 
@@ -68,6 +72,41 @@ def test_run_lengths_are_each_rows_segments_in_order():
     assert run_lengths(ids).dtype == torch.int32
 
 
+def ulysses_matches_one_process(rank: int, world: int, store: str, H: int, Hkv: int):
+    """One rank of ``test_ulysses_with_fewer_kv_heads_than_ranks_matches_one_process``: Ulysses
+    attention over this rank's sequence chunk vs attention over whole rows in this process (fp64)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        sp = SequenceParallel("ulysses", init_device_mesh("cpu", (world,)))
+        torch.manual_seed(0)
+        B, S, D = 2, 128, 8
+        ids = packed_ids(B, S, [50, 17, 30, 61, 25, 10])
+        q, k, v = (torch.randn(B, S, h, D, dtype=torch.float64, requires_grad=True) for h in (H, Hkv, Hkv))
+        grad_out = torch.randn(B, S, H, D, dtype=torch.float64)
+        expected = attend(q, k, v, segment_mask(ids, causal=True, backend="sdpa"))
+        expected.backward(grad_out)
+
+        mine = [sp.shard(t.detach(), dim=1).requires_grad_() for t in (q, k, v)]
+        out = attend(*mine, segment_mask(sp.shard(ids, dim=1), causal=True, backend="sdpa", sp=sp))
+        out.backward(sp.shard(grad_out, dim=1))
+        torch.testing.assert_close(out, sp.shard(expected.detach(), dim=1), rtol=1e-12, atol=1e-12)
+        for name, t, full in zip("qkv", mine, (q, k, v)):
+            torch.testing.assert_close(t.grad, sp.shard(full.grad, dim=1), rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"grad of {name}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ulysses,H,Hkv", [(2, 4, 1), (4, 8, 2)], ids=["u2-h4-kv1", "u4-h8-kv2"])
+def test_ulysses_with_fewer_kv_heads_than_ranks_matches_one_process(tmp_path, ulysses, H, Hkv):
+    """KV heads are repeated up to the Ulysses degree before the all-to-all: on ``ulysses`` gloo
+    processes, the output and the q, k, v gradients of each rank's chunk equal single-process GQA
+    attention over whole packed causal rows (fp64, within 1e-12). u4-h8-kv2 has 2 query heads per
+    rank and 2 ranks per KV head, so a wrong grouping (tiling instead of repeating each head) fails."""
+    mp.spawn(ulysses_matches_one_process, args=(ulysses, str(tmp_path / "store"), H, Hkv), nprocs=ulysses)
+
+
 def dims(**degrees):
     full = dict(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ulysses=1)
     full.update(degrees)
@@ -81,13 +120,33 @@ def dims(**degrees):
     (dict(cp=2, ulysses=2), 256, 4, "flex", "cannot both be > 1"),
     (dict(cp=4), 100, 4, "flex", "must divide by 2 x context_parallel_degree = 8"),
     (dict(cp=2), 256, 4, "varlen", "needs model.attention_backend = flex"),
-    (dict(ulysses=4), 256, 4, "sdpa", r"ulysses degree 4 does not divide num_kv_heads per tensor-parallel rank = 2; choose ulysses in \[1, 2\]"),
-    (dict(ulysses=2, tp=2), 256, 4, "sdpa", "num_kv_heads per tensor-parallel rank = 1"),
+    (dict(ulysses=8), 256, 8, "sdpa", r"ulysses degree 8 must divide num_heads per tensor-parallel rank = 4 "
+                                      r".*; choose ulysses in \[1, 2, 4\]"),
+    (dict(ulysses=4, tp=2), 256, 4, "sdpa", r"num_heads per tensor-parallel rank = 2 .*; choose ulysses in \[1, 2\]"),
     (dict(ulysses=2), 256, 3, "sdpa", "image slots"),
 ])
 def test_impossible_sequence_parallel_layouts_name_the_fix(degrees, seq_len, slots, backend, message):
     with pytest.raises(ParallelismError, match=message):
         check_sequence_parallel(dims(**degrees), DecoderArgs(n_heads=4, n_kv_heads=2), seq_len, slots, backend)
+
+
+def test_ulysses_degree_must_divide_or_be_a_multiple_of_the_kv_heads():
+    """6 query and 2 KV heads: u = 3 splits the query heads but neither splits nor repeats the KV
+    heads evenly; u = 2 (split) and u = 6 (each KV head repeated 3 times) are accepted."""
+    args = DecoderArgs(n_heads=6, n_kv_heads=2)
+    with pytest.raises(ParallelismError, match=r"ulysses degree 3 must divide num_heads per tensor-parallel "
+                                               r"rank = 6 and divide or be a multiple of num_kv_heads per "
+                                               r"tensor-parallel rank = 2 .*; choose ulysses in \[1, 2, 6\]"):
+        check_sequence_parallel(dims(ulysses=3), args, 264, 6, "sdpa")
+    for u in (2, 6):
+        check_sequence_parallel(dims(ulysses=u), args, 264, 6, "sdpa")
+
+
+@pytest.mark.parametrize("degrees", [dict(ulysses=4), dict(ulysses=2, tp=2)], ids=["u4-kv2", "u2xtp2-kv1"])
+def test_ulysses_degree_above_the_kv_heads_per_rank_is_accepted(degrees):
+    """4 query and 2 KV heads: Ulysses(4), and Ulysses(2) x TP(2) (1 KV head per tp rank), repeat
+    the KV heads instead of refusing the layout."""
+    check_sequence_parallel(dims(**degrees), DecoderArgs(n_heads=4, n_kv_heads=2), 256, 4, "sdpa")
 
 
 def test_chunked_linear_cross_entropy_matches_full_logits():

@@ -238,14 +238,29 @@ def test_checkpoint_saved_under_fsdp4_resumes_under_fsdp2_x_tp2_with_data_shards
 
 
 UNTIED_2_ROWS = ["--model.flavor", "debug-untied", "--training.local_batch_size", "2"]
+CP2 = ["--parallelism.context_parallel_degree", "2"]
+ULYSSES2 = ["--parallelism.ulysses_degree", "2"]
+PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
+# DeepStack adds vision features after decoder layers 0-2: they stay on the first stage
+QWEN3_VL_PP2 = [*PP2, "--parallelism.pipeline_parallel_split_points", "3"]
 
 
+# each takes about 45 s on 2 CPU cores; the slow ones (pytest -m slow) take paths the others cover:
+# Qwen3-VL CP as qwen3_vl-cp2, Qwen2.5-VL PP and Qwen3-VL Ulysses as the other Qwen family's same layout
 @pytest.mark.parametrize("model,layout", [
-    ([], ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree", "2",
-          "--parallelism.tensor_parallel_degree", "2"]),
-    (UNTIED_2_ROWS, ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.pipeline_parallel_degree", "2",
-                     "--parallelism.tensor_parallel_degree", "2"]),
-], ids=["fsdp2xcp2xtp2", "fsdp2xpp2xtp2"])
+    ([], FSDP2_TP2 + CP2),
+    (UNTIED_2_ROWS, FSDP2_TP2 + PP2),
+    # 2 KV heads / tp 2 = 1 KV head per rank for 2 Ulysses ranks: each rank gets a copy
+    ([], FSDP2_TP2 + ULYSSES2),
+    (QWEN2_5_VL, FSDP2_TP2 + CP2),
+    pytest.param(QWEN2_5_VL + UNTIED_2_ROWS, FSDP2_TP2 + PP2, marks=pytest.mark.slow),
+    (QWEN2_5_VL, FSDP2_TP2 + ULYSSES2),
+    pytest.param(QWEN3_VL, FSDP2_TP2 + CP2, marks=pytest.mark.slow),
+    (QWEN3_VL + UNTIED_2_ROWS, FSDP2_TP2 + QWEN3_VL_PP2),
+    pytest.param(QWEN3_VL, FSDP2_TP2 + ULYSSES2, marks=pytest.mark.slow),
+], ids=["fsdp2xcp2xtp2", "fsdp2xpp2xtp2", "fsdp2xulysses2xtp2", "qwen2_5_vl-fsdp2xcp2xtp2",
+        "qwen2_5_vl-fsdp2xpp2xtp2", "qwen2_5_vl-fsdp2xulysses2xtp2", "qwen3_vl-fsdp2xcp2xtp2",
+        "qwen3_vl-fsdp2xpp2xtp2", "qwen3_vl-fsdp2xulysses2xtp2"])
 def test_three_dimensional_layouts_match_single_process(tmp_path, model, layout):
-    """8 processes, two of the 3-D layouts an 8-GPU node runs (issue 7), on CPU."""
+    """8 processes, the 3-D layouts an 8-GPU node runs (issue 7), on CPU."""
     assert_layout_matches_single_process(tmp_path, 8, 2, model, layout)

@@ -221,9 +221,10 @@ class Parallelism:
     training.seq_len must divide by 2 x cp. The ViT's image slots are split over the group."""
     ulysses_degree: int = 1
     """Ulysses sequence parallelism for the decoder: each row is cut into u contiguous chunks;
-    attention swaps the sequence split for a head split (all-to-all). Heads and KV heads (per tp
-    rank) must divide by u. The ViT's image slots are split over the group. One of
-    context_parallel_degree and ulysses_degree may be > 1."""
+    attention swaps the sequence split for a head split (all-to-all). Query heads per tp rank must
+    divide by u; KV heads per tp rank must divide by u or divide u (then each is repeated). The
+    ViT's image slots are split over the group. One of context_parallel_degree and ulysses_degree
+    may be > 1."""
     pipeline_parallel_degree: int = 1
     """Pipeline parallelism: the decoder layers are cut into stages held by this many ranks (the
     vision encoder, projector and token embeddings go with the first stage, the final norm and output

@@ -135,7 +135,8 @@ def attend(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor,
     sp = mask.sp
     if sp is not None and sp.mode == "ulysses":
         # this rank's slice of the row with all heads -> the whole row with a slice of the heads
-        q_BSHD, k_BSHD, v_BSHD = (sp.sequence_to_heads(t) for t in (q_BSHD, k_BSHD, v_BSHD))
+        q_BSHD = sp.sequence_to_heads(q_BSHD)
+        k_BSHD, v_BSHD = sp.kv_sequence_to_heads(k_BSHD), sp.kv_sequence_to_heads(v_BSHD)
     elif sp is not None:  # context parallel: every rank's keys and values
         k_BSHD, v_BSHD = sp.gather_sequence(k_BSHD), sp.gather_sequence(v_BSHD)
 

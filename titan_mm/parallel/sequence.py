@@ -8,8 +8,9 @@ parameters (FSDP shards over them) and see the same rows:
   keys and values from the group (the gradients are reduce-scattered back) and masks with each
   token's position in the whole row, so packed documents stay separate and causal.
 - **Ulysses**: each rank keeps one contiguous chunk; around the attention kernel an all-to-all
-  turns "my chunk, all heads" into "whole row, my heads" and back. Heads (and KV heads) divide by
-  the degree.
+  turns "my chunk, all heads" into "whole row, my heads" and back. Query heads divide by the
+  degree; KV heads divide by it too, or else divide it (each KV head is then repeated, so every
+  rank gets the one its query heads share: ``kv_sequence_to_heads``).
 
 Outside attention every op is per token, so rotary positions, labels and image tokens are simply
 sharded with the tokens (``shard_batch``). The vision encoder does not repeat its work on each
@@ -97,6 +98,16 @@ class SequenceParallel:
         x = funcol.all_to_all_single_autograd(x, None, None, group=self.mesh)
         return x.permute(1, 0, 2, 3, 4).reshape(B, u * S_local, H // u, D)
 
+    def kv_sequence_to_heads(self, x_BSHD: torch.Tensor) -> torch.Tensor:
+        """sequence_to_heads for keys or values. With fewer KV heads h than ranks u (u a multiple of
+        h), each KV head is first repeated u / h times: rank r then receives KV head r // (u / h),
+        the one its query heads [r H/u, (r+1) H/u) read under GQA (query head j reads KV head
+        j // (H / h)). Autograd sums the gradients of the copies."""
+        copies = self.degree // x_BSHD.shape[2]
+        if copies > 1:
+            x_BSHD = x_BSHD.repeat_interleave(copies, dim=2)  # [B, S/u, h, D] -> [B, S/u, u, D]
+        return self.sequence_to_heads(x_BSHD)
+
     def heads_to_sequence(self, x_BSHD: torch.Tensor) -> torch.Tensor:
         """[B, S, H/u, D] -> [B, S/u, H, D] (the inverse of sequence_to_heads)."""
         B, S, H_local, D = x_BSHD.shape
@@ -150,12 +161,14 @@ def check_sequence_parallel(dims, decoder_args, seq_len: int, image_slots: int, 
                                    "auto (varlen kernels take one token set for queries and keys)")
     if dims.ulysses_enabled:
         dims.check_divisible("training.seq_len", seq_len, "ulysses")
-        for what, heads in (("num_heads", decoder_args.n_heads), ("num_kv_heads", decoder_args.n_kv_heads)):
-            if (heads // dims.tp) % dims.ulysses:
-                raise ParallelismError(
-                    f"ulysses degree {dims.ulysses} does not divide {what} per tensor-parallel rank = "
-                    f"{heads // dims.tp}; choose ulysses in "
-                    f"{[d for d in range(1, heads // dims.tp + 1) if (heads // dims.tp) % d == 0]}")
+        heads, kv_heads = decoder_args.n_heads // dims.tp, decoder_args.n_kv_heads // dims.tp
+        valid = [u for u in range(1, heads + 1)
+                 if heads % u == 0 and (kv_heads % u == 0 or u % kv_heads == 0)]
+        if dims.ulysses not in valid:
+            raise ParallelismError(
+                f"ulysses degree {dims.ulysses} must divide num_heads per tensor-parallel rank = {heads} "
+                f"and divide or be a multiple of num_kv_heads per tensor-parallel rank = {kv_heads} "
+                f"(KV heads are repeated up to the degree); choose ulysses in {valid}")
     degree = dims.cp * dims.ulysses
     if degree > 1 and image_slots % degree:
         raise ParallelismError(
