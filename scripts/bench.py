@@ -111,7 +111,8 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
     flops = spec.training_flops(args, shape)
     n_params = sum(p.numel() for p in model.parameters())
     name = (f"titan_mm {family}/{flavor} {backend} {'compiled' if compile_blocks else 'eager'} ac={ac}"
-            + (" skip-guards" if skip_guards else "") + (" cuda-graph" if cuda_graph else "") + (f" {compile_mode}" if compile_mode else ""))
+            + (" skip-guards" if skip_guards else "") + (" cuda-graph" if cuda_graph else "")
+            + (f" {compile_mode}" if compile_mode else "") + (f" {seq_len} tokens" if seq_len != 8192 else ""))
     return dict(name=name, family=family, flavor=flavor, backend=backend, compiled=compile_blocks, ac=ac,
                 params_b=round(n_params / 1e9, 3), step_s=round(dt, 4), tokens_per_s=round(seq_len / dt, 1),
                 mfu_vs_989=round(flops / dt / 989e12, 3),
@@ -203,7 +204,9 @@ def main():
     parser.add_argument("--hf-model", default="qwen3-vl-2b-shape", help="which baseline row to compare with")
     parser.add_argument("--hf-grad-ckpt", action="store_true", help="the baseline row with activation "
                         "checkpointing (compare with --ac full)")
-    parser.add_argument("--side", type=int, default=512, help="image side in pixels (4 images)")
+    parser.add_argument("--side", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--seq-len", type=int, default=8192, help="tokens of the one sample")
+    parser.add_argument("--images", type=int, default=4, help="images in the sample")
     parser.add_argument("--family", default="qwen3_vl")
     parser.add_argument("--flavor", default="2B")
     parser.add_argument("--steps", type=int, default=8)
@@ -231,7 +234,8 @@ def main():
                                if opts.profile else None)
                     rows.append(run_variant(family=opts.family, flavor=opts.flavor, compile_blocks=compiled,
                                             steps=opts.steps, warmup=opts.warmup, backend=backend, ac=ac,
-                                            side=opts.side, profile=profile, skip_guards=opts.skip_guards,
+                                            side=opts.side, seq_len=opts.seq_len, n_images=opts.images,
+                                            profile=profile, skip_guards=opts.skip_guards,
                                             cuda_graph=graph == "on",
                                             compile_mode=None if mode == "default" else mode))
     print()
