@@ -85,17 +85,17 @@ class Trainer:
             cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=p.pipeline_parallel_degree,
             ulysses=p.ulysses_degree, world_size=self.world_size, enable_loss_parallel=p.enable_loss_parallel)
         check_tensor_parallel(self.parallel_dims, spec, self.model_args, cfg)
+        rows_per_forward = cfg.training.local_batch_size
+        if self.parallel_dims.pp_enabled:
+            self.pp_stage_layers = check_pipeline_job(cfg, spec, self.model_args)
+            # the first stage encodes the images of one pipeline microbatch at a time
+            rows_per_forward //= pipeline_microbatches(p, cfg.training.local_batch_size)
         backend = resolve_backend(cfg.model.attention_backend, self.device.type)
         check_sequence_parallel(self.parallel_dims, self.model_args.decoder, cfg.training.seq_len,
-                                cfg.training.local_batch_size * cfg.data.max_images_per_row, backend)
+                                rows_per_forward * cfg.data.max_images_per_row, backend)
         self.model_args = with_attention_backend(self.model_args, backend)
         self.model_inputs = tuple(k for k in MODEL_INPUTS if backend == "varlen" or k not in LENGTHS)
         check_cuda_graph(cfg, self.device, self.world_size, backend)
-        if self.parallel_dims.pp_enabled:
-            if self.parallel_dims.cp_enabled or self.parallel_dims.ulysses_enabled:
-                raise ParallelismError("pipeline parallelism does not compose with context parallelism or "
-                                       "Ulysses yet; use one of them (docs/parallelism.md)")
-            self.pp_stage_layers = check_pipeline_job(cfg, spec, self.model_args)
         mesh = self.parallel_dims.build_mesh(self.device.type)
         dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         # ranks that see different tokens: the loss and its token count are summed over them
@@ -275,8 +275,9 @@ class Trainer:
     # --- pipeline parallelism: the schedule runs forward and backward of every microbatch ---------
 
     def pipeline_forward_backward(self, mb: dict, num_labels: torch.Tensor) -> torch.Tensor:
-        """One local batch through the pipeline schedule, cut into microbatches; returns this rank's
-        share of the loss (the last stage's sum over microbatches, zero on other ranks)."""
+        """One local batch (this rank's sequence shard under CP / Ulysses) through the pipeline
+        schedule, cut into microbatches along the rows; returns this rank's share of the loss (the
+        last stage's sum over microbatches, zero on other ranks)."""
         n_mb = pipeline_microbatches(self.cfg.parallelism, self.cfg.training.local_batch_size)
         kwargs = {k: mb[k].to(self.device, non_blocking=True)
                   for k in ("position_ids", "document_ids", "document_lengths")}

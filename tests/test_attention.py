@@ -123,7 +123,14 @@ def dims(**degrees):
     (dict(ulysses=8), 256, 8, "sdpa", r"ulysses degree 8 must divide num_heads per tensor-parallel rank = 4 "
                                       r".*; choose ulysses in \[1, 2, 4\]"),
     (dict(ulysses=4, tp=2), 256, 4, "sdpa", r"num_heads per tensor-parallel rank = 2 .*; choose ulysses in \[1, 2\]"),
-    (dict(ulysses=2), 256, 3, "sdpa", "image slots"),
+    (dict(ulysses=2), 256, 3, "sdpa", r"image slots of each forward \(training.local_batch_size rows"),
+    (dict(cp=2, pp=2), 256, 3, "sdpa", r"image slots of each forward \(training.local_batch_size / "
+                                       r"pipeline_parallel_microbatches rows"),
+    # 258 divides by tp, but each Ulysses rank's 129 tokens do not
+    (dict(ulysses=2, tp=2), 258, 4, "sdpa", r"tp degree 2 does not divide the 129 tokens .* make "
+                                            r"training.seq_len a multiple of 4"),
+    (dict(cp=2, tp=4), 20, 4, "sdpa", r"tp degree 4 does not divide the 10 tokens .* make training.seq_len "
+                                      r"a multiple of 8"),
 ])
 def test_impossible_sequence_parallel_layouts_name_the_fix(degrees, seq_len, slots, backend, message):
     with pytest.raises(ParallelismError, match=message):

@@ -228,7 +228,8 @@ class Parallelism:
     pipeline_parallel_degree: int = 1
     """Pipeline parallelism: the decoder layers are cut into stages held by this many ranks (the
     vision encoder, projector and token embeddings go with the first stage, the final norm and output
-    head with the last). Needs a flavor without tied embeddings."""
+    head with the last). Needs a flavor without tied embeddings. Composes with every other degree;
+    under context_parallel_degree or ulysses_degree each stage sees its rank's share of every row."""
     pipeline_parallel_schedule: Literal["1F1B", "GPipe", "Interleaved1F1B"] = "1F1B"
     """Order of microbatch forwards and backwards (torch.distributed.pipelining): 1F1B and GPipe hold
     one stage per rank (GPipe keeps every microbatch's activations; 1F1B at most pp of them);

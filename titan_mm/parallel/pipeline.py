@@ -13,6 +13,11 @@ Only the hidden states [B, S, D] travel between stages. Position ids (M-RoPE [B,
 document ids reach every stage as keyword arguments of ``schedule.step`` (the schedule passes
 keyword arguments to every stage, and every pipeline rank reads the same batches); the media
 (pixel_values, grid_thw, image_token_index) go only to the ranks that hold the first stage.
+
+Under context parallelism or Ulysses the batch is sharded along the sequence first, then the schedule
+cuts the shard into microbatches along the rows: every stage sees [B / M, S / sp] tokens (the stage's
+shape inference runs a real forward, so it finds that shape), the first stage splits each
+microbatch's image slots over the sequence-parallel group, and the last stage's loss covers its shard.
 """
 
 import copy
@@ -131,7 +136,8 @@ def build_pipeline_schedule(p: Parallelism, modules: list[nn.Module], indices: l
 def microbatch_image_token_index(index_BS: torch.Tensor, n_microbatches: int, slots_per_row: int) -> torch.Tensor:
     """image_token_index counts merged-patch slots from the start of the local batch (row b's slots
     start at b * slots_per_row); the schedule cuts the batch into microbatches of B / M rows, each
-    with only its own media, so count from the start of each row's microbatch instead."""
+    with only its own media, so count from the start of each row's microbatch instead. Works on a
+    sequence shard too: its values still count the whole rows' slots."""
     rows = index_BS.shape[0] // n_microbatches
     first_row_B1 = (torch.arange(index_BS.shape[0], device=index_BS.device) // rows * rows)[:, None]
     return torch.where(index_BS >= 0, index_BS - first_row_B1 * slots_per_row, index_BS)

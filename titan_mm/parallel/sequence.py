@@ -21,6 +21,7 @@ All communication is through functional collectives (autograd-aware, traceable b
 this runs on CPU (gloo) and GPU alike.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -145,8 +146,8 @@ def encode_images_split(encode, pixel_values_NLD: torch.Tensor, grid_NL3: torch.
 def check_sequence_parallel(dims, decoder_args, seq_len: int, image_slots: int, backend: str):
     """Every size that CP / Ulysses split must divide (checked before any compute).
 
-    dims: ParallelDims; image_slots: image slots per local batch (batch size x N), split over the
-    group for the vision encoder.
+    dims: ParallelDims; image_slots: image slots of one vision-encoder forward (rows x N: the local
+    batch, or one pipeline microbatch under pipeline parallelism), split over the group.
     """
     from titan_mm.parallel.parallel_dims import ParallelismError
     if dims.cp_enabled and dims.ulysses_enabled:
@@ -170,10 +171,20 @@ def check_sequence_parallel(dims, decoder_args, seq_len: int, image_slots: int, 
                 f"and divide or be a multiple of num_kv_heads per tensor-parallel rank = {kv_heads} "
                 f"(KV heads are repeated up to the degree); choose ulysses in {valid}")
     degree = dims.cp * dims.ulysses
-    if degree > 1 and image_slots % degree:
+    if degree == 1:
+        return
+    if (seq_len // degree) % dims.tp:
+        need = math.lcm(2 * degree if dims.cp_enabled else degree, degree * dims.tp)
         raise ParallelismError(
-            f"the vision encoder splits the batch's {image_slots} image slots (training.local_batch_size"
-            f" x data.max_images_per_row) over the {degree} sequence-parallel ranks; make it a multiple "
+            f"tp degree {dims.tp} does not divide the {seq_len // degree} tokens (training.seq_len / "
+            f"{degree}) each sequence-parallel rank keeps of a row, which tensor parallelism splits "
+            f"further; make training.seq_len a multiple of {need}")
+    if image_slots % degree:
+        rows = ("training.local_batch_size / pipeline_parallel_microbatches" if dims.pp_enabled
+                else "training.local_batch_size")
+        raise ParallelismError(
+            f"the vision encoder splits the {image_slots} image slots of each forward ({rows} rows x "
+            f"data.max_images_per_row) over the {degree} sequence-parallel ranks; make it a multiple "
             f"of {degree}")
 
 
