@@ -203,9 +203,7 @@ class Trainer:
         cfg = self.cfg.training
         microbatches = [next(data_iter) for _ in range(cfg.gradient_accumulation_steps)]
         shapes = [BatchShape.of(mb) for mb in microbatches]
-        sp_degree = 1
         if self.sequence_parallel is not None:
-            sp_degree = self.sequence_parallel.degree
             microbatches = [shard_batch(mb, self.sequence_parallel) for mb in microbatches]
         if self.step_graph is not None:
             inputs = [{k: mb[k] for k in (*self.model_inputs, "labels")} for mb in microbatches]
@@ -221,9 +219,10 @@ class Trainer:
         for mb in microbatches:
             for k, v in mb["stats"].items():
                 data_stats[k] = data_stats.get(k, 0) + v
-        # this rank's share: a sequence-parallel group splits each row's tokens and images
-        flops = sum(self.training_flops(self.model_args, s) for s in shapes) / sp_degree
-        self.metrics.record_step(tokens=sum(s.tokens for s in shapes) // sp_degree, flops=flops,
+        # per GPU: CP / Ulysses, TP and PP ranks share the work of one data-parallel batch
+        share = self.parallel_dims.ranks_per_batch
+        flops = sum(self.training_flops(self.model_args, s) for s in shapes) / share
+        self.metrics.record_step(tokens=sum(s.tokens for s in shapes) / share, flops=flops,
                                  data_stats=data_stats, skipped=[ref for mb in microbatches for ref in mb["skipped"]])
         if self.loss_group is not None:
             dist.all_reduce(loss, group=self.loss_group)  # a collective, not a host sync

@@ -32,6 +32,14 @@ def test_head_divisibility_names_valid_degrees():
         dims.check_divisible("num_kv_heads", 2, "tp")
 
 
+def test_throughput_is_counted_per_gpu_of_a_data_parallel_batch():
+    """tokens/s and MFU divide a batch's work over the ranks that share it (cp x ulysses x tp x pp)."""
+    dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=2, tp=2, pp=2, ulysses=1, world_size=16)
+    assert (dims.dp_degree, dims.ranks_per_batch) == (2, 8)
+    dims = ParallelDims(dp_replicate=2, dp_shard=2, cp=1, tp=1, pp=1, ulysses=2, world_size=8)
+    assert (dims.dp_degree, dims.ranks_per_batch) == (4, 2)
+
+
 def torchrun(nproc: int, dump, *args: str) -> dict[int, float]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "train.py", "--job.config_file", "train_configs/debug_vlm.toml", "--job.dump_folder", str(dump),

@@ -81,6 +81,11 @@ class ParallelDims:
         """Ranks that read different data."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def ranks_per_batch(self) -> int:
+        """Ranks that share the work of one data-parallel batch (cp x ulysses x tp x pp)."""
+        return self.world_size // self.dp_degree
+
     def check_divisible(self, what: str, value: int, dim: str):
         """Raise a message naming the fix when ``value`` (e.g. a head count) does not split over ``dim``."""
         degree = getattr(self, dim)

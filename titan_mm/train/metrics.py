@@ -66,7 +66,7 @@ class MetricsLogger:
     def should_log(self, step: int) -> bool:
         return step == 1 or step % self.log_freq == 0 or step == self.total_steps
 
-    def record_step(self, *, tokens: int, flops: float, data_stats: dict, skipped: list[str] = ()):
+    def record_step(self, *, tokens: float, flops: float, data_stats: dict, skipped: list[str] = ()):
         """Host-side counts of one step on this rank (no device sync); ``skipped``: references of
         samples skipped by this rank's loader, the latest of which the progress line names."""
         self.window_steps += 1
