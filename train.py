@@ -440,4 +440,13 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    if "WORLD_SIZE" in os.environ:
+        # Everything is saved and closed. Skip interpreter shutdown: there gloo's worker threads can
+        # still release tensors they hold, and the process aborts ("terminate called without an
+        # active exception", ~1 in 20 runs of two CPU processes on torch 2.13).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
