@@ -136,7 +136,9 @@ def write_profile(step, path: str):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    # kernels only: GPU-side ranges of user annotations (e.g. the optimizer's step) would count twice
+    kernels = [e for e in prof.key_averages()
+               if e.device_type.name == "CUDA" and e.self_device_time_total > 0 and not e.is_user_annotation]
     kinds: dict[str, float] = {}
     for e in kernels:
         kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e3
