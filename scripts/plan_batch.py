@@ -55,16 +55,21 @@ def with_budgets(cfg: Data, n: int, l: int) -> Data:
     return dataclasses.replace(cfg, max_images_per_row=n, max_patches_per_image=l)
 
 
+N_FACTORS = (1 / 4, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1, 5 / 4, 3 / 2, 2)
+"""Image slot counts tried, as multiples of the config's: fine steps near it, where the patch
+budget N x L starts or stops closing rows."""
+
+
 def budget_grid(seq_len: int, n: int, l: int, merge_area: int) -> list[tuple[int, int, int]]:
-    """(S, N, L) around the config's: S x 1/2, 1, 2; N x 1/4 .. 4; L x 1/2, 1, 2 (L a multiple of
-    the merge area)."""
+    """(S, N, L) around the config's: S x 1/2, 1, 2; N x N_FACTORS; L x 1/2, 1, 2 (L a multiple
+    of the merge area)."""
     grid = set()
     for s in (seq_len // 2, seq_len, seq_len * 2):
-        for nn_ in (n // 4, n // 2, n, n * 2, n * 4):
+        for f in N_FACTORS:
             for ll in (l // 2, l, l * 2):
                 ll -= ll % merge_area
-                if nn_ >= 1 and ll >= merge_area:
-                    grid.add((s, nn_, ll))
+                if ll >= merge_area:
+                    grid.add((s, max(1, round(n * f)), ll))
     return sorted(grid)
 
 
@@ -122,7 +127,7 @@ def useful_compute(spec, args, est, s: int, n: int, l: int) -> float:
 def parse(argv: list[str]) -> tuple[argparse.Namespace, JobConfig]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=300, help="samples read from data.path")
-    p.add_argument("--rows", type=int, default=PLAN_ROWS, help="rows packed per choice")
+    p.add_argument("--rows", type=int, default=PLAN_ROWS // 2, help="rows packed per choice")
     p.add_argument("--memory-gib", type=float, default=None,
                    help="activation memory a recommendation may use (default: the config's choice's)")
     opts, rest = p.parse_known_args(argv)
