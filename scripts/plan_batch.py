@@ -20,9 +20,13 @@ and products keep the outputs); per-op selective checkpointing keeps the block i
 output and every second matmul output; full checkpointing keeps each block's input, plus one
 block's activations while it is recomputed; "k" = every k-th block fully checkpointed. Add one loss
 chunk of logits and their gradient, and the pixel input. The result is divided over
-tensor x context x Ulysses parallel ranks; pipeline parallelism is not modelled. Compiled blocks keep
-less than this (the Qwen3-VL-2B benchmark shape, 8192 tokens and 4 x 1024 patches: estimated 19.9
-GiB without checkpointing, 17.2 GiB measured; docs/data.md).
+tensor x context x Ulysses parallel ranks; pipeline parallelism is not modelled. Checked against
+measured peaks less the weights, gradients and optimizer state on one H100 / H200 (docs/benchmarks.md,
+issue 12): the Qwen3-VL-2B benchmark shape (8192 tokens, 4 x 1024 patches) without checkpointing,
+estimated 22.3 GiB, measured 17.2 compiled and 26.0 eager; with per-op checkpointing 10.3 vs 6.1
+compiled; with full checkpointing 4.0 vs 0.8 (the estimate holds a whole loss chunk and a recomputed
+block at once); train.py with the 2B config's 8 x 4096 slots and no checkpointing, estimated 46.1 +
+31.7 GiB of fp32 state = 77.8 GiB vs a 74.3 GiB peak.
 
 The config's choice is marked `config`; `recommended` has the most useful compute among the
 choices that skip no more documents than the config and need no more activation memory than it (or
