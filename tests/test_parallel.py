@@ -11,6 +11,7 @@ import pytest
 from conftest import make_config
 from titan_mm.data.dataloader import build_dataloader
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
+from titan_mm.train.prefetch import DevicePrefetcher
 
 SMALL = ["--training.seq_len", "256", "--data.image_slots_per_row", "10", "--checkpoint.enable", "false",
          "--metrics.enable_tensorboard", "false", "--metrics.log_freq", "1"]
@@ -82,10 +83,11 @@ def single_process_losses(tmp_path, dp_world: int, steps: int, seed: str, *overr
             for it in loaders:
                 yield next(it)
 
-    data = interleaved()
+    trainer.batches = DevicePrefetcher(interleaved(), trainer.device, dp_world, trainer.prepare_batch,
+                                       states={}, read_ahead=False)
     for _ in range(steps):
         trainer.train_state.step += 1
-        trainer.train_step(data)
+        trainer.train_step()
     return [loss.item() for loss in trainer.losses]
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -100,8 +101,11 @@ class Data:
     """Images larger than this are downscaled (aspect kept) before patchifying."""
     pack_open_bins: int = 16
     """Best-fit packer: how many partly filled rows are kept open for incoming documents."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (0 = load in the training process)."""
+    num_workers: int | Literal["auto"] = 0
+    """DataLoader worker processes per rank (0 = load in the training process). "auto" = the CPUs
+    this process may run on (os.sched_getaffinity) divided by the ranks of this node
+    (LOCAL_WORLD_SIZE), less one for the training process; 0 with data.num_shards. The count is
+    logged at start; resume needs the same count (a checkpoint names it when they differ)."""
     num_shards: int = 0
     """Data shards independent of the layout: the data is read as this many independent streams
     (each its own share of the samples and its own packer), each data-parallel rank hosting
@@ -110,6 +114,10 @@ class Data:
     with local_batch_size doubled) and continues the same global batches. Must be a multiple of the
     data-parallel degree and divide into local_batch_size x dp; needs num_workers = 0. 0 = one
     stream per data-parallel rank (checkpoints then resume only under the same dp degree)."""
+    plan_samples: int = 64
+    """At start, rank 0 reads this many samples (apart from the training stream) and logs the token
+    and patch padding that the budgets training.seq_len, N and L give on them
+    (scripts/plan_batch.py prints the full table of choices); 0 = skip."""
     shuffle: bool = True
     """Reshuffle the samples every epoch (seeded by job.seed and the epoch): the order of files
     (Parquet: row groups; webdataset: shards) and a shuffle buffer of records."""
@@ -300,7 +308,7 @@ _POSITIVE = {
     "parallelism.pipeline_parallel_stages_per_rank",
 }
 _NON_NEGATIVE = {
-    "data.num_workers", "training.max_norm", "optimizer.weight_decay", "optimizer.eps",
+    "data.num_workers", "data.plan_samples", "training.max_norm", "optimizer.weight_decay", "optimizer.eps",
     "lr_scheduler.warmup_steps", "checkpoint.keep_latest_k", "metrics.peak_tflops",
 }
 _UNIT_INTERVAL = {"lr_scheduler.decay_ratio", "lr_scheduler.min_lr_ratio", "optimizer.beta1",
@@ -315,7 +323,7 @@ def _check_values(cfg: JobConfig) -> list[str]:
             value = getattr(getattr(cfg, section.name), f.name)
             if key in _POSITIVE and not value > 0:
                 errors.append(f"{key} = {value!r} must be > 0")
-            if key in _NON_NEGATIVE and not value >= 0:
+            if key in _NON_NEGATIVE and not (value == "auto" or value >= 0):
                 errors.append(f"{key} = {value!r} must be >= 0")
             if key in _UNIT_INTERVAL and not 0 <= value <= 1:
                 errors.append(f"{key} = {value!r} must be in [0, 1]")
@@ -383,6 +391,8 @@ RENAMED_KEYS = {
 def _convert(value, tp, key: str):
     """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _convert_union(value, typing.get_args(tp), key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -426,6 +436,18 @@ def _convert(value, tp, key: str):
             raise ConfigError(f"{key} expects a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _convert_union(value, options: tuple, key: str):
+    """``value`` as the first of ``options`` that takes it (e.g. int | Literal["auto"])."""
+    for tp in options:
+        try:
+            return _convert(value, tp, key)
+        except ConfigError:
+            pass
+    names = [" or ".join(map(repr, typing.get_args(tp))) if typing.get_origin(tp) is Literal else tp.__name__
+             for tp in options]
+    raise ConfigError(f"{key} expects {' or '.join(names)}, got {value!r}")
 
 
 def _set(cfg: JobConfig, key: str, value, source: str) -> None:

@@ -4,6 +4,8 @@ as a torchdata StatefulDataLoader.
 Its state (every worker's source position and open packer rows) goes into checkpoints.
 """
 
+import logging
+import os
 from collections import Counter
 
 import torch
@@ -20,6 +22,8 @@ from titan_mm.data.sources import MixtureSource, StreamingSource, source_name
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.data.webdataset import WebDatasetSource
 from titan_mm.models.multimodal import visual_item_ids
+
+logger = logging.getLogger(__name__)
 
 
 def collate_rows(rows: list[dict], merged_per_slot: int) -> dict:
@@ -140,24 +144,43 @@ def check_data_shards(cfg: Data, batch_size: int, dp_world: int) -> int:
         raise ConfigError(f"training.local_batch_size={batch_size} must be a multiple of the "
                           f"{per_rank} data shards each rank hosts (data.num_shards / data-parallel "
                           f"degree), so every step takes the same rows from every shard")
-    if cfg.num_workers:
+    if cfg.num_workers != "auto" and cfg.num_workers:
         raise ConfigError("data.num_shards needs data.num_workers = 0 (shard states are checkpointed "
                           "from the training process)")
     return per_rank
 
 
+def resolve_num_workers(cfg: Data) -> int:
+    """data.num_workers as a count: "auto" = the CPUs this process may use, shared by the ranks
+    of this node, less one for the training process (0 under data.num_shards, which loads in the
+    training process)."""
+    if cfg.num_workers != "auto":
+        return cfg.num_workers
+    if cfg.num_shards:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
+def row_shape(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, seq_len: int) -> RowShape:
+    """The packed row layout the config asks for."""
+    media_token_ids = tuple(i for i in (tokenizer.image_id, tokenizer.video_id) if i is not None)
+    return RowShape(seq_len=seq_len, image_slots=cfg.image_slots_per_row,
+                    patches_per_slot=cfg.patches_per_slot, patch_dim=spec.patch_dim,
+                    merge_area=spec.merge_area, pad_id=tokenizer.pad_id, media_token_ids=media_token_ids,
+                    position_dims=spec.position_dims)
+
+
 def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, seq_len: int,
-                     batch_size: int, dp_rank: int, dp_world: int, seed: int) -> StatefulDataLoader:
-    """Batches of this data-parallel rank. With data.num_shards the dataset is a ShardRows (its
+                     batch_size: int, dp_rank: int, dp_world: int, seed: int,
+                     pin_memory: bool = False) -> StatefulDataLoader:
+    """Batches of this data-parallel rank (in page-locked memory with ``pin_memory``, for
+    asynchronous copies to a GPU). With data.num_shards the dataset is a ShardRows (its
     ``packers`` hold one state per hosted shard)."""
     check_image_budget(cfg, spec.patch_size, spec.spatial_merge_size)
     per_rank = check_data_shards(cfg, batch_size, dp_world)
     merge_area = spec.merge_area
-    media_token_ids = tuple(i for i in (tokenizer.image_id, tokenizer.video_id) if i is not None)
-    shape = RowShape(seq_len=seq_len, image_slots=cfg.image_slots_per_row,
-                     patches_per_slot=cfg.patches_per_slot, patch_dim=spec.patch_dim,
-                     merge_area=merge_area, pad_id=tokenizer.pad_id, media_token_ids=media_token_ids,
-                     position_dims=spec.position_dims)
+    shape = row_shape(cfg, tokenizer, spec, seq_len)
 
     def packer(shard: int, shards: int) -> BestFitPacker:
         source = build_source(cfg, tokenizer, spec, seq_len=seq_len, dp_rank=shard, dp_world=shards,
@@ -169,6 +192,44 @@ def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, 
         dataset = ShardRows({s: packer(s, cfg.num_shards) for s in range(first, first + per_rank)})
     else:
         dataset = packer(dp_rank, dp_world)
-    return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
+    workers = resolve_num_workers(cfg)
+    if cfg.num_workers == "auto":
+        logger.info("data.num_workers = auto: %d loader workers", workers)
+    return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=workers,
                               collate_fn=Collator(cfg.patches_per_slot // merge_area),
-                              persistent_workers=cfg.num_workers > 0)
+                              persistent_workers=workers > 0, pin_memory=pin_memory)
+
+
+class LoaderState(Stateful):
+    """A dataloader's checkpointed state; loading one saved with another worker count is refused
+    with the count to set (each worker reads its own share, so the position cannot be carried
+    over)."""
+
+    def __init__(self, loader: StatefulDataLoader):
+        self.loader = loader
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict):
+        saved = saved_worker_count(state)
+        if state and saved != self.loader.num_workers:
+            raise ConfigError(f"the checkpoint's data loader ran {saved} workers and this run has "
+                              f"{self.loader.num_workers}; set data.num_workers = {saved} to resume")
+        self.loader.load_state_dict(state)
+
+
+def saved_worker_count(state: dict) -> int:
+    """Workers of the loader whose state_dict() this is (torchdata keeps one snapshot per worker)."""
+    snapshot = state.get("_snapshot")
+    return len(snapshot["_worker_snapshots"]) if snapshot else 0
+
+
+def data_states(dataloader: StatefulDataLoader, dp_rank: int) -> dict[str, Stateful]:
+    """What a checkpoint keeps of this rank's data, by checkpoint key: with data.num_shards one
+    entry per hosted shard (whichever rank hosts it later), else the whole loader of this
+    data-parallel rank."""
+    packers = getattr(dataloader.dataset, "packers", None)
+    if packers is not None:
+        return {f"data_shard{shard}": packer for shard, packer in packers.items()}
+    return {f"dataloader_dp{dp_rank}": LoaderState(dataloader)}

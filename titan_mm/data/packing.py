@@ -25,7 +25,7 @@ from titan_mm.data.documents import Document, Image, SampleError
 from titan_mm.data.sources import MAX_SKIPS_REPORTED, count_skip
 
 IGNORE_INDEX = -100
-SIZE_STATS = ("pad_tokens", "pad_patches", "patch_slots", "rows", "documents")
+SIZE_STATS = ("pad_tokens", "pad_patches", "patch_slots", "rows", "documents", "images")
 """Row ``stats`` keys that count sizes; every other key counts skipped samples by reason."""
 
 Placement = list[tuple[int, int]]
@@ -189,6 +189,7 @@ class BestFitPacker(IterableDataset, Stateful):
         stats.update(row["stats"])
         stats["rows"] += 1
         stats["documents"] += len(b.docs)
+        stats["images"] += sum(len(doc.images) for doc in b.docs)  # and videos
         row["stats"] = dict(stats)
         row["skipped"] = (self.source.skipped + self.skipped)[-MAX_SKIPS_REPORTED:]
         self.source.skipped, self.skipped = [], []
