@@ -19,17 +19,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from titan_mm.config import Data  # noqa: E402
 from titan_mm.data.dataloader import build_dataloader  # noqa: E402
 from titan_mm.data.tokenizer import Tokenizer  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
+from make_realistic_data import write_video_tokenizer  # noqa: E402
 
 ROOT = __file__.rsplit("/scripts/", 1)[0]
 BUNDLED = f"{ROOT}/assets/sample_data"
@@ -62,15 +64,6 @@ def generate_videos(folder: str, n: int, seconds: float = 2.0) -> str:
                         {"role": "assistant", "content": "A test pattern of coloured bars and a counter."}]
             out.write(json.dumps({"id": f"v{i}", "messages": messages}) + "\n")
     return f"{folder}/chat.jsonl"
-
-
-def video_tokenizer(folder: str) -> Tokenizer:
-    """The bundled debug tokenizer plus a <|video_pad|> token."""
-    tok = HFTokenizer.from_file(f"{ROOT}/assets/tokenizer/tokenizer.json")
-    tok.add_special_tokens(["<|video_pad|>"])
-    tok.save(f"{folder}/tokenizer.json")
-    shutil.copy(f"{ROOT}/assets/tokenizer/tokenizer_config.json", folder)
-    return Tokenizer(folder, special_tokens={"video_token": "<|video_pad|>"})
 
 
 def measure(cfg: Data, tok: Tokenizer, spec, args) -> tuple[float, float, float]:
@@ -122,8 +115,8 @@ def main():
             path, kind = generate_images(tmp, args.generate_images, args.samples), "captions"
         elif args.generate_videos:
             path, kind = generate_videos(tmp, args.generate_videos), "chat"
-        os.makedirs(f"{tmp}/tokenizer")
-        tok = video_tokenizer(f"{tmp}/tokenizer")
+        write_video_tokenizer(Path(tmp) / "tokenizer")
+        tok = Tokenizer(f"{tmp}/tokenizer")
         print(f"data: {kind} {path if not (args.generate_images or args.generate_videos) else '(generated)'}; "
               f"batch {args.batch_size} x {args.seq_len} tokens, {args.warmup} warm-up + {args.batches} "
               f"timed batches; torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} main thread(s)\n")

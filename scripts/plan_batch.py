@@ -55,16 +55,30 @@ def with_budgets(cfg: Data, n: int, l: int) -> Data:
     return dataclasses.replace(cfg, image_slots_per_row=n, patches_per_slot=l)
 
 
+N_FACTORS = (1 / 4, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1, 5 / 4, 3 / 2, 2)
+"""Image slot counts tried, as multiples of the config's: fine steps near it, where the patch
+budget N x L starts or stops closing rows."""
+
+
+L_FACTORS = (1 / 2, 1, 9 / 8, 5 / 4, 3 / 2, 2)
+"""Slot lengths tried around the config's: a slot a little longer than the largest image often
+packs far tighter than one of exactly its size (an image of L patches leaves no room beside it)."""
+
+
 def budget_grid(seq_len: int, n: int, l: int, merge_area: int) -> list[tuple[int, int, int]]:
-    """(S, N, L) around the config's: S x 1/2, 1, 2; N x 1/4 .. 4; L x 1/2, 1, 2 (L a multiple of
-    the merge area)."""
-    grid = set()
-    for s in (seq_len // 2, seq_len, seq_len * 2):
-        for nn_ in (n // 4, n // 2, n, n * 2, n * 4):
-            for ll in (l // 2, l, l * 2):
-                ll -= ll % merge_area
-                if nn_ >= 1 and ll >= merge_area:
-                    grid.add((s, nn_, ll))
+    """(S, N, L) around the config's: at the config's S, N x N_FACTORS and L x L_FACTORS; at S/2
+    and 2S, N x 1/2, 1, 2 at the config's L. L is a multiple of the merge area, and of 128
+    (FlexAttention's block) for slots of 1024 patches or more; the config's own choice is always in."""
+    step = 128 if 128 % merge_area == 0 and l >= 1024 else merge_area
+    grid = {(seq_len, n, l)}
+    for f in N_FACTORS:
+        for g in L_FACTORS:
+            ll = round(l * g / step) * step
+            if ll >= step:
+                grid.add((seq_len, max(1, round(n * f)), ll))
+    for s in (seq_len // 2, seq_len * 2):
+        for f in (1 / 2, 1, 2):
+            grid.add((s, max(1, round(n * f)), l))
     return sorted(grid)
 
 
@@ -122,7 +136,7 @@ def useful_compute(spec, args, est, s: int, n: int, l: int) -> float:
 def parse(argv: list[str]) -> tuple[argparse.Namespace, JobConfig]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=300, help="samples read from data.path")
-    p.add_argument("--rows", type=int, default=PLAN_ROWS, help="rows packed per choice")
+    p.add_argument("--rows", type=int, default=PLAN_ROWS // 2, help="rows packed per choice")
     p.add_argument("--memory-gib", type=float, default=None,
                    help="activation memory a recommendation may use (default: the config's choice's)")
     opts, rest = p.parse_known_args(argv)

@@ -82,9 +82,13 @@ def test_run_train_sh_logs_progress_tensorboard_and_checkpoint(tmp_path):
     assert out.returncode == 0, log
     progress = [line for line in log.splitlines() if "step     6/6" in line]
     assert progress, log
-    for field in ("loss", "grad_norm", "lr", "tok/s", "mfu", "mem", "eta"):
+    for field in ("loss", "grad_norm", "lr", "tok/s", "mfu", "mem", "data wait", "eta"):
         assert field in progress[0]
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(dump / "tb"))
+    assert "expected padding on 64 samples" in log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(dump / "tb"))
+    events.Reload()
+    assert {"train/loss", "train/data_wait_fraction"} <= set(events.Tags()["scalars"])
     assert (dump / "checkpoint" / "step-6" / ".metadata").is_file()
     assert (dump / "config.toml").is_file()
 

@@ -94,7 +94,10 @@ def estimate_packing(docs: list[Document], shape: RowShape, open_bins: int, rows
     totals = Counter()
     with skips_counted_only():
         for row in packer:
-            if source.done or totals["rows"] == rows:
+            if source.done:  # a flushed row: only its skip counts (made since the last row) are real
+                totals["overlong"] += row["stats"].get("overlong", 0)
+                break
+            if totals["rows"] == rows:
                 break
             totals.update(row["stats"])
     n = max(1, totals["rows"])
