@@ -94,7 +94,7 @@ class Trainer:
             rows_per_forward //= pipeline_microbatches(p, cfg.training.local_batch_size)
         backend = resolve_backend(cfg.model.attention_backend, self.device.type)
         check_sequence_parallel(self.parallel_dims, self.model_args.decoder, cfg.training.seq_len,
-                                rows_per_forward * cfg.data.max_images_per_row, backend)
+                                rows_per_forward * cfg.data.image_slots_per_row, backend)
         self.model_args = with_attention_backend(self.model_args, backend)
         self.model_inputs = tuple(k for k in MODEL_INPUTS if backend == "varlen" or k not in LENGTHS)
         check_cuda_graph(cfg, self.device, self.world_size, backend)

@@ -56,7 +56,7 @@ BYTES = 2
 
 def with_budgets(cfg: Data, n: int, l: int) -> Data:
     """data with N image slots of L patches per row."""
-    return dataclasses.replace(cfg, max_images_per_row=n, max_patches_per_image=l)
+    return dataclasses.replace(cfg, image_slots_per_row=n, patches_per_slot=l)
 
 
 N_FACTORS = (1 / 4, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1, 5 / 4, 3 / 2, 2)
@@ -64,16 +64,25 @@ N_FACTORS = (1 / 4, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1, 5 / 4, 3 / 2, 2)
 budget N x L starts or stops closing rows."""
 
 
+L_FACTORS = (1 / 2, 1, 9 / 8, 5 / 4, 3 / 2, 2)
+"""Slot lengths tried around the config's: a slot a little longer than the largest image often
+packs far tighter than one of exactly its size (an image of L patches leaves no room beside it)."""
+
+
 def budget_grid(seq_len: int, n: int, l: int, merge_area: int) -> list[tuple[int, int, int]]:
-    """(S, N, L) around the config's: S x 1/2, 1, 2; N x N_FACTORS; L x 1/2, 1, 2 (L a multiple
-    of the merge area)."""
-    grid = set()
-    for s in (seq_len // 2, seq_len, seq_len * 2):
-        for f in N_FACTORS:
-            for ll in (l // 2, l, l * 2):
-                ll -= ll % merge_area
-                if ll >= merge_area:
-                    grid.add((s, max(1, round(n * f)), ll))
+    """(S, N, L) around the config's: at the config's S, N x N_FACTORS and L x L_FACTORS; at S/2
+    and 2S, N x 1/2, 1, 2 at the config's L. L is a multiple of the merge area, and of 128
+    (FlexAttention's block) for slots of 1024 patches or more; the config's own choice is always in."""
+    step = 128 if 128 % merge_area == 0 and l >= 1024 else merge_area
+    grid = {(seq_len, n, l)}
+    for f in N_FACTORS:
+        for g in L_FACTORS:
+            ll = round(l * g / step) * step
+            if ll >= step:
+                grid.add((seq_len, max(1, round(n * f)), ll))
+    for s in (seq_len // 2, seq_len * 2):
+        for f in (1 / 2, 1, 2):
+            grid.add((s, max(1, round(n * f)), l))
     return sorted(grid)
 
 
@@ -150,7 +159,7 @@ def main(argv: list[str]):
     tok = Tokenizer(cfg.model.tokenizer_path, spec.special_tokens)
     with torch.device("meta"):
         model = spec.model_cls(args)
-    S, N, L = cfg.training.seq_len, cfg.data.max_images_per_row, cfg.data.max_patches_per_image
+    S, N, L = cfg.training.seq_len, cfg.data.image_slots_per_row, cfg.data.patches_per_slot
     docs, skipped = read_sample(cfg.data, tok, vi, seq_len=S, samples=opts.samples, seed=cfg.job.seed)
     if not docs:
         sys.exit(f"no sample of {cfg.data.path} could be read: {dict(skipped)}")
@@ -193,8 +202,8 @@ def main(argv: list[str]):
     if best is None:
         print(f"no choice fits {limit:.1f} GiB of activations without skipping more documents than the config")
     else:
-        print(f"recommended: --training.seq_len {best['s']} --data.max_images_per_row {best['n']} "
-              f"--data.max_patches_per_image {best['l']}")
+        print(f"recommended: --training.seq_len {best['s']} --data.image_slots_per_row {best['n']} "
+              f"--data.patches_per_slot {best['l']}")
 
 
 if __name__ == "__main__":

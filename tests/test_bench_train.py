@@ -22,7 +22,7 @@ def test_bench_train_reports_consistent_figures_of_the_real_trainer(tmp_path, ca
     import bench_train
     out = tmp_path / "result.json"
     code = bench_train.main(["--job.config_file", "train_configs/debug_vlm.toml", "--training.seq_len", "256",
-                             "--data.max_images_per_row", "10", "--warmup", "1", "--steps", "2",
+                             "--data.image_slots_per_row", "10", "--warmup", "1", "--steps", "2",
                              "--out", str(out)])
     assert code == 0
     r = json.loads(out.read_text())
@@ -83,7 +83,7 @@ def test_generated_chats_have_1_to_4_images_and_train_through_the_loader(realist
         images = [p for m in r["messages"] if m["role"] == "user" for p in m["content"] if p["type"] == "image"]
         assert 1 <= len(images) <= 4 and sum(m["role"] == "assistant" for m in r["messages"]) >= 1
     spec = get_model_spec("qwen2_5_vl").flavors["debug"].vision_input
-    cfg = Data(dataset="chat", path=str(folder / "chat.jsonl"), max_images_per_row=20, max_patches_per_image=64,
+    cfg = Data(dataset="chat", path=str(folder / "chat.jsonl"), image_slots_per_row=20, patches_per_slot=64,
                min_pixels=1024, max_pixels=12544, pack_open_bins=1)
     batch = next(iter(build_dataloader(cfg, Tokenizer("assets/tokenizer"), spec, seq_len=4096, batch_size=1,
                                        dp_rank=0, dp_world=1, seed=0)))
@@ -94,7 +94,7 @@ def test_generated_videos_decode_through_the_loader_with_the_written_tokenizer(r
     pytest.importorskip("torchcodec")
     folder = realistic / "a" / "video"
     spec = get_model_spec("qwen2_5_vl").flavors["debug"].vision_input
-    cfg = Data(dataset="chat", path=str(folder / "chat.jsonl"), max_images_per_row=20, max_patches_per_image=64,
+    cfg = Data(dataset="chat", path=str(folder / "chat.jsonl"), image_slots_per_row=20, patches_per_slot=64,
                min_pixels=1024, max_pixels=12544, video_max_frames=4, pack_open_bins=1)
     tok = Tokenizer(str(folder / "tokenizer"))
     batch = next(iter(build_dataloader(cfg, tok, spec, seq_len=2048, batch_size=1, dp_rank=0, dp_world=1,

@@ -14,7 +14,7 @@ from titan_mm.models.llava import FLAVORS
 
 sys.path.insert(0, f"{ROOT}/scripts")
 SPEC = FLAVORS["debug"].vision_input
-DATA = Data(max_images_per_row=10, max_patches_per_image=64, min_pixels=1024, max_pixels=4096)
+DATA = Data(image_slots_per_row=10, patches_per_slot=64, min_pixels=1024, max_pixels=4096)
 
 
 def test_estimate_from_a_sample_matches_the_padding_of_a_long_training_stream():
@@ -42,7 +42,7 @@ def test_estimate_from_a_sample_matches_the_padding_of_a_long_training_stream():
 def test_documents_that_fit_no_row_are_counted_as_overlong():
     tok = Tokenizer("assets/tokenizer")
     docs, _ = read_sample(DATA, tok, SPEC, seq_len=256, samples=50, seed=0)
-    tight = Data(max_images_per_row=10, max_patches_per_image=16, min_pixels=1024, max_pixels=4096)
+    tight = Data(image_slots_per_row=10, patches_per_slot=16, min_pixels=1024, max_pixels=4096)
     est = estimate_packing(docs, row_shape(tight, tok, SPEC, 256), DATA.pack_open_bins, rows=16)
     too_big = sum(any(img.patches.shape[0] > 16 for img in d.images) for d in docs) / len(docs)
     assert abs(est.overlong - too_big) < 1e-9 and 0 < too_big < 1
@@ -53,7 +53,7 @@ def test_plan_batch_marks_the_configs_choice_and_recommends_one(capsys):
     plan_batch.main(["--job.config_file", "train_configs/debug_vlm.toml", "--samples", "60", "--rows", "8"])
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(table) == 81  # 3 S x 9 N x 3 L
+    assert len(table) == len(plan_batch.budget_grid(512, 20, 64, 4)) == 9 * 6 + 2 * 3
     (mine,) = [line for line in table if "config" in line]
     assert mine.startswith("| 512 | 20 | 64 |")
     assert sum("recommended" in line for line in table) == 1

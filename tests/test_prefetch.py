@@ -15,7 +15,7 @@ KEYS = ("input_ids", "labels", "pixel_values", "grid_thw", "image_token_index")
 
 
 def loader(num_workers=0, pin_memory=False):
-    cfg = Data(max_images_per_row=10, max_patches_per_image=64, min_pixels=1024, max_pixels=4096,
+    cfg = Data(image_slots_per_row=10, patches_per_slot=64, min_pixels=1024, max_pixels=4096,
                num_workers=num_workers)
     return build_dataloader(cfg, Tokenizer("assets/tokenizer"), SPEC, seq_len=256, batch_size=1, dp_rank=0,
                             dp_world=1, seed=0, pin_memory=pin_memory)

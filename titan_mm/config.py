@@ -87,10 +87,14 @@ class Data:
     """Mixture: one weight > 0 per entry of mixture_paths (need not sum to 1)."""
     mixture_kinds: list[DatasetKind] = field(default_factory=list)
     """Mixture: the ``dataset`` kind of each entry of mixture_paths; empty = all are ``dataset``."""
-    max_images_per_row: int = 8
-    """N: image slots per packed row of seq_len tokens; pixel_values is [batch*N, L, D]."""
-    max_patches_per_image: int = 256
-    """L: patch slots per image (before spatial merge); bounds max_pixels from above."""
+    image_slots_per_row: int = 8
+    """N: patch slots per packed row of seq_len tokens; pixel_values is [batch*N, L, D]. A slot
+    holds the patches of as many images (and video frames) as fit, so N does not limit the images
+    of a row: a row takes documents while its tokens fit seq_len and its images fit the N x L
+    patches (docs/data.md)."""
+    patches_per_slot: int = 256
+    """L: patches per slot (before spatial merge): the largest image (or video frame) a row can
+    hold, so it bounds max_pixels from above; a multiple of the merge area."""
     min_pixels: int = 32 * 32
     """Images smaller than this are upscaled (aspect kept) before patchifying."""
     max_pixels: int = 128 * 128
@@ -217,7 +221,7 @@ class Parallelism:
     """Tensor parallelism with sequence parallelism inside the transformer blocks (ViT and decoder):
     ranks of a tp group see the same data and split heads, MLP units and the sequence. Must divide
     the head counts, the MLP widths, the vocabulary size, training.seq_len and
-    data.max_patches_per_image."""
+    data.patches_per_slot."""
     enable_loss_parallel: bool = True
     """With tensor_parallel_degree > 1: the output head leaves each tp rank the logits of its slice of
     the vocabulary and cross-entropy runs on those slices (torch's loss_parallel), so the full
@@ -297,7 +301,7 @@ class JobConfig:
 # --- value checks that need more than a type ------------------------------------------------------
 
 _POSITIVE = {
-    "data.max_images_per_row", "data.max_patches_per_image", "data.min_pixels", "data.max_pixels",
+    "data.image_slots_per_row", "data.patches_per_slot", "data.min_pixels", "data.max_pixels",
     "data.pack_open_bins", "data.shuffle_buffer", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
     "training.gradient_accumulation_steps", "optimizer.lr", "checkpoint.interval",
     "metrics.log_freq", "parallelism.tensor_parallel_degree", "parallelism.pipeline_parallel_degree",
@@ -377,6 +381,13 @@ def _check_data_files(data: Data) -> list[str]:
 
 # --- parsing --------------------------------------------------------------------------------------
 
+RENAMED_KEYS = {
+    "data.max_images_per_row": ("data.image_slots_per_row", "N patch slots a row; several images "
+                                "share a slot, so it no longer limits the images of a row"),
+    "data.max_patches_per_image": ("data.patches_per_slot", "L patches a slot, the largest image"),
+}
+"""Keys of earlier versions: old key -> (new key, what it holds now)."""
+
 def _convert(value, tp, key: str):
     """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -445,6 +456,9 @@ def _set(cfg: JobConfig, key: str, value, source: str) -> None:
     if section_name not in hints or not field_name:
         raise ConfigError(f"unknown config section {section_name!r} in {key!r} ({source}); "
                           f"sections are {sorted(hints)}")
+    if key in RENAMED_KEYS:
+        new_key, meaning = RENAMED_KEYS[key]
+        raise ConfigError(f"{key} ({source}) is now {new_key} ({meaning}); rename it")
     section = getattr(cfg, section_name)
     field_types = typing.get_type_hints(type(section))
     if field_name not in field_types:

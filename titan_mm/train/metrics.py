@@ -97,9 +97,9 @@ class MetricsLogger:
         patch_pad = self.window_data.get("pad_patches", 0) / max(1, self.window_data.get("patch_slots", 0))
         if patch_pad > 0.5 and not self.warned_patch_padding:
             self.warned_patch_padding = True
-            logger.warning("%.0f%% of the image patch slots (data.max_images_per_row x max_patches_per_image) "
-                           "are padding that the vision encoder still computes: lower those two to fit the "
-                           "data", 100 * patch_pad)
+            logger.warning("%.0f%% of the image patches of a row (data.image_slots_per_row x patches_per_slot) "
+                           "are padding that the vision encoder still computes: lower image_slots_per_row to "
+                           "fit the data", 100 * patch_pad)
         # "samples/NAME" and "tokens/NAME": per-source counts of a mixture
         per_source = {k: v for k, v in data_totals.items() if "/" in k}
         skipped = {k: v for k, v in data_totals.items()
