@@ -87,6 +87,17 @@ def measure(trainer: train.Trainer, warmup: int, steps: int) -> dict:
         loss=trainer.losses[-1].item())
 
 
+def profile_steps(trainer: train.Trainer, path: str):
+    """Two more steps under the profiler: kernel time by kind, then the top kernels."""
+    from bench import write_profile
+
+    def two_steps():
+        for _ in range(2):
+            trainer.train_state.step += 1
+            trainer.train_step()
+    write_profile(two_steps, path)
+
+
 def markdown(result: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
@@ -104,13 +115,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=8, help="measured steps")
     p.add_argument("--name", default=None, help="the run's name (default: config file stem)")
     p.add_argument("--out", default=None, help="JSON file (default $OUT/bench_train_NAME.json when OUT is set)")
+    p.add_argument("--profile", default=None, help="after the measurement, profile two more steps and write "
+                   "their GPU kernel time by kind to this file (scripts/bench.py's table)")
     opts, rest = p.parse_known_args(argv)
     if opts.warmup < 0 or opts.steps < 1:
         p.error("--warmup must be >= 0 and --steps >= 1")
     # the run's config.toml and losses.json go to a temporary folder unless one is named
     scratch = None if any(a.startswith("--job.dump_folder") for a in rest) else tempfile.mkdtemp(prefix="bench_train_")
     try:
-        cfg, _ = parse_args(rest + bench_overrides(opts.warmup + opts.steps)
+        cfg, _ = parse_args(rest + bench_overrides(opts.warmup + opts.steps + (2 if opts.profile else 0))
                             + (["--job.dump_folder", scratch] if scratch else []))
         config_file = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a in ("--job.config_file",
                                                                                   "--config_file")), "config")
@@ -120,6 +133,8 @@ def main(argv: list[str]) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     result = dict(name=name, **measure(trainer, opts.warmup, opts.steps))
+    if opts.profile:
+        profile_steps(trainer, opts.profile)
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     result.update(warmup=opts.warmup, steps=opts.steps, model=f"{cfg.model.name}/{cfg.model.flavor}",
