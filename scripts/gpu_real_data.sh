@@ -42,6 +42,9 @@ fi
 # the bundled tokenizer (no HF download on the GPU machine); chats in its plain ChatML
 common=(--model.tokenizer_path assets/tokenizer --data.num_workers auto --warmup "$WARMUP" --steps "$STEPS")
 captions=(--data.dataset captions --data.path "$data/captions/captions.jsonl")
+# captions (one image each, ~1,500 patches) pack tighter into 5 x 5120 than into the chat configs'
+# 6 x 4096 (plan_batch on the generated captions); the debug flavors keep their own
+[ "$smoke" = "--cpu-smoke" ] || captions+=(--data.image_slots_per_row 5 --data.patches_per_slot 5120)
 chat=(--data.dataset chat --data.chat_format plain --data.path "$data/chat/chat.jsonl")
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
