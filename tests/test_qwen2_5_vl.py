@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import forward_on_meta
 from titan_mm.config import parse_args
 from titan_mm.data.dataloader import collate_rows
 from titan_mm.data.documents import Document, DocumentBuilder
@@ -316,13 +317,8 @@ def test_hf_config_round_trips_for_every_flavor():
 
 
 def test_forward_has_no_host_syncs(media_dir):
-    """A forward on fake tensors needs no data (any .item()/.tolist()/data-dependent branch fails)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    with torch.device("meta"):
-        model = Qwen2_5_VLModel(FLAVORS["debug"])
-    model.to_empty(device="cpu")
-    model.init_weights()
+    """A forward on the meta device, where no tensor holds data: any .item(), .tolist(), .cpu() or
+    data-dependent branch raises (conftest.forward_on_meta)."""
     shape = RowShape(seq_len=64, max_images=2, max_patches=64, patch_dim=SPEC_PATCH_DIM, merge_area=4,
                      pad_id=PAD, media_token_ids=(IMAGE_PAD,), position_dims=3)
     patches, coords = patchify(torch.randn(2, 3, 56, 56), patch=14, temporal_patch=2, merge=2)
@@ -330,8 +326,7 @@ def test_forward_has_no_host_syncs(media_dir):
     doc = Document("fake", tokens, [False] * 7 + [True] * 2, [Media(patches, coords, first_token=2)])
     doc.positions = mrope_position_ids(doc, FLAVORS["debug"])
     batch = collate_rows([build_row([doc], shape)], 16)
-    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) as mode:
-        logits = model(**{k: mode.from_tensor(batch[k]) for k in MODEL_INPUTS})
+    logits = forward_on_meta(Qwen2_5_VLModel, FLAVORS["debug"], {k: batch[k] for k in MODEL_INPUTS})
     assert logits.shape == (1, 64, FLAVORS["debug"].decoder.vocab_size)
 
 
