@@ -228,3 +228,19 @@ def test_qwen_vl_hf_to_dcp_to_hf_is_bit_identical_and_loads_in_transformers(tmp_
     with torch.no_grad():
         diff = (reloaded(input_ids=ids).logits - original(input_ids=ids).logits).abs().max().item()
     assert diff <= 1e-6
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_hf_folder_files_get_the_umask_mode_like_any_new_file(tmp_path, umask, mode):
+    """Every file of an HF export (safetensors shards too, which safetensors itself writes 0600) is
+    0666 less the umask: 0644 under the usual 022, so other users of a shared cluster can read it."""
+    from titan_mm.hf.io import write_hf_folder
+    old = os.umask(umask)
+    try:
+        write_hf_folder({"a": torch.ones(64), "b": torch.ones(64)}, {"model_type": "x"}, str(tmp_path / "hf"),
+                        max_shard_bytes=256)
+    finally:
+        os.umask(old)
+    files = sorted(os.listdir(tmp_path / "hf"))
+    assert sum(f.endswith(".safetensors") for f in files) == 2
+    assert {f: oct(os.stat(tmp_path / "hf" / f).st_mode & 0o777) for f in files} == {f: oct(mode) for f in files}
