@@ -104,6 +104,12 @@ class Trainer:
         # ranks of a CP / Ulysses group read the same rows and keep their share of each
         self.sequence_parallel = sequence_parallel_group(mesh, self.parallel_dims)
         self.pp_group = mesh["pp"].get_group() if self.parallel_dims.pp_enabled else None
+        # before the model: a missing data file or an impossible image budget is a config error
+        # found in seconds, not after minutes of building and materialising
+        self.dataloader = build_dataloader(
+            cfg.data, self.tokenizer, self.model_args.vision_input, seq_len=cfg.training.seq_len,
+            batch_size=cfg.training.local_batch_size, dp_rank=dp_rank,
+            dp_world=self.parallel_dims.dp_degree, seed=cfg.job.seed)
 
         with torch.device("meta"):
             model = spec.model_cls(self.model_args)
@@ -126,10 +132,6 @@ class Trainer:
         self.optimizers = [build_optimizer(cfg.optimizer, m, self.device, capturable=cfg.compile.cuda_graph)
                            for m in self.model_parts]
         self.lr_schedulers = [build_lr_scheduler(cfg.lr_scheduler, o, cfg.training.steps) for o in self.optimizers]
-        self.dataloader = build_dataloader(
-            cfg.data, self.tokenizer, self.model_args.vision_input, seq_len=cfg.training.seq_len,
-            batch_size=cfg.training.local_batch_size, dp_rank=dp_rank,
-            dp_world=self.parallel_dims.dp_degree, seed=cfg.job.seed)
         self.train_state = TrainState()
         self.losses: list[torch.Tensor] = []
         """Global loss of each step trained by this process (device tensors, read them at the end)."""

@@ -72,6 +72,25 @@ def test_cli_reports_config_errors_before_building_anything():
     assert "model llava" not in out.stdout + out.stderr  # stopped before the model was built
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--data.path", "no/such/captions.jsonl"], "data file no/such/captions.jsonl not found"),
+    (["--data.dataset", "webdataset", "--data.path", "no/such/*.tar"], "no .tar shards match 'no/such/"),
+    (["--model.tokenizer_path", "no/such/tokenizer"], "no tokenizer.json in no/such/tokenizer"),
+    (["--model.name", "gpt5"], "unknown model.name 'gpt5'"),
+    (["--data.max_pixels", "16384"], "raise max_patches_per_image to 256 or lower max_pixels to 4096"),
+    (["--data.max_patches_per_image", "66", "--data.max_pixels", "4000"], "multiple of the merge area 4"),
+])
+def test_bad_paths_and_budgets_are_one_line_before_the_model_is_built(tmp_path, args, message):
+    """Input errors found by the trainer (not by parse_args) still stop the CLI with exit code 2 and
+    one 'config error:' line naming the fix, before the model is built or any data is read."""
+    out = subprocess.run([sys.executable, "train.py", "--job.config_file", DEBUG, "--job.dump_folder",
+                          str(tmp_path / "run"), *args], capture_output=True, text=True, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if "Warning" not in line and "set_vital" not in line]
+    assert out.returncode == 2, out.stderr
+    assert len(errors) == 1 and errors[0].startswith("config error: ") and message in errors[0], errors
+    assert "parameters" not in out.stdout + out.stderr  # 'model llava/debug: 4.23M parameters'
+
+
 def test_print_config_prints_merged_toml():
     out = subprocess.run([sys.executable, "train.py", "--job.config_file", DEBUG, "--training.steps", "5",
                           "--print-config"], capture_output=True, text=True, check=True)

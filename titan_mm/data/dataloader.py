@@ -61,14 +61,14 @@ def check_image_budget(cfg: Data, patch_size: int, merge: int):
     factor = patch_size * merge
     max_patches = (cfg.max_pixels // factor ** 2) * merge ** 2
     if max_patches > cfg.max_patches_per_image:
-        raise ValueError(
+        raise ConfigError(
             f"data.max_pixels={cfg.max_pixels} allows images of up to {max_patches} patches of "
             f"{patch_size}px, more than data.max_patches_per_image={cfg.max_patches_per_image}; raise "
             f"max_patches_per_image to {max_patches} or lower max_pixels to "
             f"{cfg.max_patches_per_image * patch_size ** 2}")
     if cfg.max_patches_per_image % (merge * merge):
-        raise ValueError(f"data.max_patches_per_image={cfg.max_patches_per_image} must be a multiple "
-                         f"of the merge area {merge * merge}")
+        raise ConfigError(f"data.max_patches_per_image={cfg.max_patches_per_image} must be a multiple "
+                          f"of the merge area {merge * merge}")
 
 
 def build_document_builder(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec,

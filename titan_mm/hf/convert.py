@@ -13,13 +13,14 @@ import os
 import torch
 import torch.distributed.checkpoint as dcp
 
+from titan_mm.hf.adapter import TOKEN_ID_FIELDS
 from titan_mm.hf.io import load_hf_weights, save_hf_weights
 from titan_mm.models import ModelSpec
 from titan_mm.train.checkpoint import ModelState
 
 logger = logging.getLogger(__name__)
 
-METADATA_FIELDS = {"max_position_embeddings", "image_token_id", "init_std"}
+METADATA_FIELDS = {"max_position_embeddings", "init_std", *TOKEN_ID_FIELDS}
 """Args recorded in config.json that do not change the weights or the forward."""
 
 
