@@ -79,6 +79,7 @@ def test_cli_reports_config_errors_before_building_anything():
     (["--model.name", "gpt5"], "unknown model.name 'gpt5'"),
     (["--data.max_pixels", "16384"], "raise max_patches_per_image to 256 or lower max_pixels to 4096"),
     (["--data.max_patches_per_image", "66", "--data.max_pixels", "4000"], "multiple of the merge area 4"),
+    (["--checkpoint.initial_load_hf_path", "no/such/hf"], "no config.json in no/such/hf"),
 ])
 def test_bad_paths_and_budgets_are_one_line_before_the_model_is_built(tmp_path, args, message):
     """Input errors found by the trainer (not by parse_args) still stop the CLI with exit code 2 and
