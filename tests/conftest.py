@@ -41,3 +41,12 @@ def forward_on_meta(model_cls, args, inputs: dict):
     with torch.device("meta"):
         model = model_cls(args)
     return model(**{k: v.to("meta") for k, v in inputs.items()})
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

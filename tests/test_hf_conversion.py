@@ -5,7 +5,6 @@ SigLIP2 tower and a Qwen3 decoder) of our debug flavors' sizes, saved with save_
 several shards. Conversion runs through the scripts' own main().
 """
 
-import importlib.util
 import json
 import os
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_config
+from conftest import load_script, make_config
 from titan_mm.data.dataloader import build_dataloader
 from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.data.tokenizer import Tokenizer
@@ -26,10 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, f"scripts/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(name).main
 
 
 def hf_model(family: str, flavor: str, seed: int = 0):

@@ -227,9 +227,12 @@ def test_yarn_rope_scaling_matches_hf(media_dir):
     assert hf.model.language_model.rotary_emb.rope_type == "yarn"
     args = ADAPTER.args_from_hf_config(config)
     assert args.decoder.rope_scaling == YarnRopeScaling(factor=4.0, original_max_position_embeddings=64)
-    assert transformers.Qwen2_5_VLConfig(**ADAPTER.hf_config(args)).text_config.rope_parameters["rope_type"] == "yarn"
+    exported = transformers.Qwen2_5_VLConfig(**ADAPTER.hf_config(args))
+    assert exported.text_config.rope_parameters["rope_type"] == "yarn"
+    assert ADAPTER.args_from_hf_config(exported.to_dict()) == args
     ours = ours_from_hf(hf)
-    plain = Qwen2_5_VLModel(dataclasses.replace(args, decoder=dataclasses.replace(args.decoder, rope_scaling=None)))
+    plain_rope = dataclasses.replace(args.decoder, rope_scaling=None)
+    plain = Qwen2_5_VLModel(dataclasses.replace(args, decoder=plain_rope))
     plain.load_state_dict(ours.state_dict())
     for name in ("three_images", "video_and_image"):
         doc = build_doc(ours, media_dir, name)

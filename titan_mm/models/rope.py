@@ -72,7 +72,8 @@ def _yarn_scaled(pos_freqs: torch.Tensor, theta: float, head_dim: int, s: YarnRo
     """Dimension d keeps its frequency 1 / pos_freqs[d] below the ramp (many turns over the original
     context), takes it divided by ``factor`` above it, and a linear blend across it."""
     def dim_turning(turns: float) -> float:  # the dimension whose wavelength fits ``turns`` times
-        return head_dim * math.log(s.original_max_position_embeddings / (turns * 2 * math.pi)) / (2 * math.log(theta))
+        wavelength = s.original_max_position_embeddings / turns
+        return head_dim * math.log(wavelength / (2 * math.pi)) / (2 * math.log(theta))
 
     low, high = dim_turning(s.beta_fast), dim_turning(s.beta_slow)
     if s.truncate:
@@ -80,7 +81,8 @@ def _yarn_scaled(pos_freqs: torch.Tensor, theta: float, head_dim: int, s: YarnRo
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # transformers' guard against a zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=pos_freqs.device) - low) / (high - low)).clamp(0, 1)
+    dims = torch.arange(head_dim // 2, dtype=torch.float32, device=pos_freqs.device)
+    ramp = ((dims - low) / (high - low)).clamp(0, 1)
     # written as transformers writes it, so the frequencies agree to the last bit
     return 1.0 / (s.factor * pos_freqs) * ramp + 1.0 / pos_freqs * (1 - ramp)
 

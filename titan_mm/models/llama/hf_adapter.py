@@ -101,7 +101,8 @@ def rope_scaling_from_hf(rope: dict, max_position_embeddings: int) -> RopeScalin
     original = rope.get("original_max_position_embeddings") or max_position_embeddings
     if rope_type == "llama3":
         return Llama3RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
-                                 high_freq_factor=rope["high_freq_factor"], original_max_position_embeddings=original)
+                                 high_freq_factor=rope["high_freq_factor"],
+                                 original_max_position_embeddings=original)
     if rope_type == "yarn":
         return YarnRopeScaling(factor=rope["factor"], original_max_position_embeddings=original,
                                beta_fast=rope.get("beta_fast") or 32.0, beta_slow=rope.get("beta_slow") or 1.0,
