@@ -18,8 +18,9 @@ from torch.distributed.tensor import DTensor
 
 from titan_mm.config import ConfigError, JobConfig, parse_args, to_toml
 from titan_mm.data.batch import BatchShape
-from titan_mm.data.dataloader import build_dataloader
+from titan_mm.data.dataloader import build_dataloader, data_states
 from titan_mm.data.packing import IGNORE_INDEX
+from titan_mm.data.plan import log_expected_padding
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.hf.convert import args_for_hf_folder
 from titan_mm.models import ModelSpec, get_model_spec
@@ -35,6 +36,7 @@ from titan_mm.train.loss import loss_parallel_context, loss_sum
 from titan_mm.train.lr_scheduler import build_lr_scheduler
 from titan_mm.train.metrics import MetricsLogger, device_peak_tflops
 from titan_mm.train.optimizer import build_optimizer
+from titan_mm.train.prefetch import DevicePrefetcher
 
 logger = logging.getLogger("titan_mm")
 
@@ -95,7 +97,7 @@ class Trainer:
             rows_per_forward //= pipeline_microbatches(p, cfg.training.local_batch_size)
         backend = resolve_backend(cfg.model.attention_backend, self.device.type)
         check_sequence_parallel(self.parallel_dims, self.model_args.decoder, cfg.training.seq_len,
-                                rows_per_forward * cfg.data.max_images_per_row, backend)
+                                rows_per_forward * cfg.data.image_slots_per_row, backend)
         self.model_args = with_attention_backend(self.model_args, backend)
         self.model_inputs = tuple(k for k in MODEL_INPUTS if backend == "varlen" or k not in LENGTHS)
         check_cuda_graph(cfg, self.device, self.world_size, backend)
@@ -112,7 +114,7 @@ class Trainer:
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, self.model_args.vision_input, seq_len=cfg.training.seq_len,
             batch_size=cfg.training.local_batch_size, dp_rank=dp_rank,
-            dp_world=self.parallel_dims.dp_degree, seed=cfg.job.seed)
+            dp_world=self.parallel_dims.dp_degree, seed=cfg.job.seed, pin_memory=self.device.type == "cuda")
 
         with torch.device("meta"):
             model = spec.model_cls(self.model_args)
@@ -135,12 +137,20 @@ class Trainer:
         self.optimizers = [build_optimizer(cfg.optimizer, m, self.device, capturable=cfg.compile.cuda_graph)
                            for m in self.model_parts]
         self.lr_schedulers = [build_lr_scheduler(cfg.lr_scheduler, o, cfg.training.steps) for o in self.optimizers]
+        if self.rank == 0 and cfg.data.plan_samples:
+            log_expected_padding(cfg.data, self.tokenizer, self.model_args.vision_input,
+                                 seq_len=cfg.training.seq_len, seed=cfg.job.seed)
+        # on a GPU the next step's batches are read and copied while the current step computes
+        self.batches = DevicePrefetcher(
+            self.dataloader, self.device, cfg.training.gradient_accumulation_steps, self.prepare_batch,
+            data_states(self.dataloader, dp_rank), read_ahead=self.device.type == "cuda")
         self.train_state = TrainState()
         self.losses: list[torch.Tensor] = []
         """Global loss of each step trained by this process (device tensors, read them at the end)."""
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, cfg.job.dump_folder, model_parts=self.model_parts, optimizers=self.optimizers,
-            lr_schedulers=self.lr_schedulers, dataloader=self.dataloader, train_state=self.train_state,
+            lr_schedulers=self.lr_schedulers, data_states=self.batches.checkpoint_states(),
+            train_state=self.train_state,
             rank=self.rank, dp_rank=dp_rank, hf_adapter=spec.hf_adapter, model_args=self.model_args)
         self.checkpointer.load()
         self.metrics = MetricsLogger(
@@ -188,10 +198,9 @@ class Trainer:
                     "%d data-parallel ranks, %s compute", cfg.steps, self.train_state.step,
                     cfg.local_batch_size, cfg.seq_len, cfg.gradient_accumulation_steps,
                     self.parallel_dims.dp_degree, str(self.compute_dtype).removeprefix("torch."))
-        data_iter = iter(self.dataloader)
         while self.train_state.step < cfg.steps:
             self.train_state.step += 1
-            self.train_step(data_iter)
+            self.train_step()
             self.checkpointer.maybe_save(self.train_state.step, last_step=self.train_state.step == cfg.steps)
         self.metrics.close()
         if self.rank == 0:
@@ -204,18 +213,26 @@ class Trainer:
         with open(os.path.join(self.cfg.job.dump_folder, "losses.json"), "w") as f:
             json.dump(losses, f, indent=0)
 
-    def train_step(self, data_iter):
-        cfg = self.cfg.training
-        microbatches = [next(data_iter) for _ in range(cfg.gradient_accumulation_steps)]
-        shapes = [BatchShape.of(mb) for mb in microbatches]
+    def prepare_batch(self, mb: dict) -> dict:
+        """Host work on a loader batch before it goes to the device: its facts for throughput and
+        MFU (of whole rows), then this rank's share of each row under CP / Ulysses."""
+        shape = BatchShape.of(mb)
         if self.sequence_parallel is not None:
-            microbatches = [shard_batch(mb, self.sequence_parallel) for mb in microbatches]
+            mb = shard_batch(mb, self.sequence_parallel)
+        return {**mb, "shape": shape}
+
+    def train_step(self):
+        cfg = self.cfg.training
+        microbatches, data_wait_s = self.batches.next_step()
+        shapes = [mb["shape"] for mb in microbatches]
         if self.step_graph is not None:
             inputs = [{k: mb[k] for k in (*self.model_inputs, "labels")} for mb in microbatches]
             # the graph's outputs are rewritten by the next replay
             loss, grad_norm = (t.clone() for t in self.step_graph(inputs))
         else:
             loss, grad_norm = self.device_step(microbatches)
+        if self.train_state.step < cfg.steps:
+            self.batches.prefetch()  # while the device works through the step just launched
         for lr_scheduler in self.lr_schedulers:
             lr_scheduler.step()
 
@@ -228,7 +245,8 @@ class Trainer:
         share = self.parallel_dims.ranks_per_batch
         flops = sum(self.training_flops(self.model_args, s) for s in shapes) / share
         self.metrics.record_step(tokens=sum(s.tokens for s in shapes) / share, flops=flops,
-                                 data_stats=data_stats, skipped=[ref for mb in microbatches for ref in mb["skipped"]])
+                                 data_stats=data_stats, skipped=[ref for mb in microbatches for ref in mb["skipped"]],
+                                 data_wait_s=data_wait_s)
         if self.loss_group is not None:
             dist.all_reduce(loss, group=self.loss_group)  # a collective, not a host sync
         if self.pp_group is not None:

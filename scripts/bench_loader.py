@@ -19,17 +19,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from titan_mm.config import Data  # noqa: E402
 from titan_mm.data.dataloader import build_dataloader  # noqa: E402
 from titan_mm.data.tokenizer import Tokenizer  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
+from make_realistic_data import write_video_tokenizer  # noqa: E402
 
 ROOT = __file__.rsplit("/scripts/", 1)[0]
 BUNDLED = f"{ROOT}/assets/sample_data"
@@ -64,15 +66,6 @@ def generate_videos(folder: str, n: int, seconds: float = 2.0) -> str:
     return f"{folder}/chat.jsonl"
 
 
-def video_tokenizer(folder: str) -> Tokenizer:
-    """The bundled debug tokenizer plus a <|video_pad|> token."""
-    tok = HFTokenizer.from_file(f"{ROOT}/assets/tokenizer/tokenizer.json")
-    tok.add_special_tokens(["<|video_pad|>"])
-    tok.save(f"{folder}/tokenizer.json")
-    shutil.copy(f"{ROOT}/assets/tokenizer/tokenizer_config.json", folder)
-    return Tokenizer(folder, special_tokens={"video_token": "<|video_pad|>"})
-
-
 def measure(cfg: Data, tok: Tokenizer, spec, args) -> tuple[float, float, float]:
     """(samples/s, tokens/s, seconds) over args.batches batches after args.warmup batches."""
     loader = build_dataloader(cfg, tok, spec, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -104,8 +97,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--max-pixels", type=int, default=448 * 448)
-    p.add_argument("--max-patches", type=int, default=1024)
-    p.add_argument("--max-images-per-row", type=int, default=16)
+    p.add_argument("--patches-per-slot", type=int, default=1024)
+    p.add_argument("--image-slots-per-row", type=int, default=16)
     p.add_argument("--video-fps", type=float, default=2.0)
     p.add_argument("--video-max-frames", type=int, default=16)
     p.add_argument("--model", default="qwen2_5_vl")
@@ -122,8 +115,8 @@ def main():
             path, kind = generate_images(tmp, args.generate_images, args.samples), "captions"
         elif args.generate_videos:
             path, kind = generate_videos(tmp, args.generate_videos), "chat"
-        os.makedirs(f"{tmp}/tokenizer")
-        tok = video_tokenizer(f"{tmp}/tokenizer")
+        write_video_tokenizer(Path(tmp) / "tokenizer")
+        tok = Tokenizer(f"{tmp}/tokenizer")
         print(f"data: {kind} {path if not (args.generate_images or args.generate_videos) else '(generated)'}; "
               f"batch {args.batch_size} x {args.seq_len} tokens, {args.warmup} warm-up + {args.batches} "
               f"timed batches; torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} main thread(s)\n")
@@ -131,7 +124,7 @@ def main():
         print("|---:|---:|---:|---:|")
         for workers in [int(w) for w in args.workers.split(",")]:
             cfg = Data(dataset=kind, path=path, num_workers=workers, max_pixels=args.max_pixels,
-                       max_patches_per_image=args.max_patches, max_images_per_row=args.max_images_per_row,
+                       patches_per_slot=args.patches_per_slot, image_slots_per_row=args.image_slots_per_row,
                        video_fps=args.video_fps, video_max_frames=args.video_max_frames)
             samples, tokens, seconds = measure(cfg, tok, spec, args)
             print(f"| {workers} | {samples:.1f} | {tokens:.0f} | {seconds:.2f} |", flush=True)

@@ -46,11 +46,10 @@ def ratios_during_training(overrides: list[str], seed: int, threads: int, eval_e
                              "--checkpoint.enable", "false", "--metrics.enable_tensorboard", "false",
                              "--metrics.log_freq", "1000000", "--job.seed", str(seed), *overrides])
         trainer = train.Trainer(cfg)
-        data = iter(trainer.dataloader)
         ratios = {}
         while trainer.train_state.step < cfg.training.steps:
             trainer.train_state.step += 1
-            trainer.train_step(data)
+            trainer.train_step()
             step = trainer.train_state.step
             if step % eval_every == 0 or step == cfg.training.steps:
                 true_loss, swapped_loss = grounding_losses(cfg, trainer.model.eval(), trainer.model_args, VAL)

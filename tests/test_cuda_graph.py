@@ -13,7 +13,7 @@ from titan_mm.config import ConfigError
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 QWEN3_VL = ["--job.config_file", "train_configs/qwen3_vl_debug.toml", "--compile.enable", "true",
-            "--model.attention_backend", "flex", "--training.seq_len", "512", "--data.max_images_per_row", "8",
+            "--model.attention_backend", "flex", "--training.seq_len", "512", "--data.image_slots_per_row", "8",
             "--metrics.log_freq", "100", "--lr_scheduler.warmup_steps", "3"]
 
 

@@ -135,10 +135,11 @@ def set_rng_state(state: dict):
 
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model_parts: list[torch.nn.Module],
-                 optimizers: list, lr_schedulers: list, dataloader, train_state: Stateful, rank: int,
-                 dp_rank: int, hf_adapter=None, model_args=None):
+                 optimizers: list, lr_schedulers: list, data_states: dict[str, Stateful],
+                 train_state: Stateful, rank: int, dp_rank: int, hf_adapter=None, model_args=None):
         """model_parts: the whole model, or this rank's pipeline stages; one optimizer and LR
-        scheduler per part.
+        scheduler per part. data_states: this rank's data position by checkpoint key
+        (titan_mm/data/dataloader.py:data_states).
 
         Dataloader and RNG states are keyed by data-parallel rank: the ranks that read the same data
         (tensor- and pipeline-parallel peers) hold the same loader state and one copy is kept, so a
@@ -165,14 +166,7 @@ class CheckpointManager:
             "train_state": train_state,
             f"rng_dp{dp_rank}": RankLocalState(rng_state, set_rng_state),
         }
-        packers = getattr(dataloader.dataset, "packers", None)
-        if packers is not None:
-            # data.num_shards: one entry per data shard, whichever rank hosts it now
-            for shard, packer in packers.items():
-                self.states[f"data_shard{shard}"] = RankLocalState(packer.state_dict, packer.load_state_dict)
-        else:
-            self.states[f"dataloader_dp{dp_rank}"] = RankLocalState(dataloader.state_dict,
-                                                                    dataloader.load_state_dict)
+        self.states.update(data_states)
 
     def step_folder(self, step: int) -> str:
         return os.path.join(self.folder, f"step-{step}")
