@@ -22,6 +22,7 @@ from titan_mm.data.dataloader import build_dataloader, data_states
 from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.data.plan import log_expected_padding
 from titan_mm.data.tokenizer import Tokenizer
+from titan_mm.hf.convert import args_for_hf_folder
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.models.attention import resolve_backend
 from titan_mm.parallel.common import group_by_mesh
@@ -74,6 +75,8 @@ class Trainer:
             raise ConfigError(f"model.flavor={cfg.model.flavor!r} is not a flavor of {spec.name}; "
                               f"choose one of {sorted(spec.flavors)}")
         self.model_args = spec.flavors[cfg.model.flavor]
+        if cfg.checkpoint.initial_load_hf_path and spec.hf_adapter is not None:
+            self.model_args = hf_folder_args(spec, cfg)
         self.training_flops = spec.training_flops
         self.tokenizer = Tokenizer(cfg.model.tokenizer_path, spec.special_tokens)
         vocab = self.model_args.decoder.vocab_size
@@ -106,6 +109,12 @@ class Trainer:
         # ranks of a CP / Ulysses group read the same rows and keep their share of each
         self.sequence_parallel = sequence_parallel_group(mesh, self.parallel_dims)
         self.pp_group = mesh["pp"].get_group() if self.parallel_dims.pp_enabled else None
+        # before the model: a missing data file or an impossible image budget is a config error
+        # found in seconds, not after minutes of building and materialising
+        self.dataloader = build_dataloader(
+            cfg.data, self.tokenizer, self.model_args.vision_input, seq_len=cfg.training.seq_len,
+            batch_size=cfg.training.local_batch_size, dp_rank=dp_rank,
+            dp_world=self.parallel_dims.dp_degree, seed=cfg.job.seed, pin_memory=self.device.type == "cuda")
 
         with torch.device("meta"):
             model = spec.model_cls(self.model_args)
@@ -128,10 +137,6 @@ class Trainer:
         self.optimizers = [build_optimizer(cfg.optimizer, m, self.device, capturable=cfg.compile.cuda_graph)
                            for m in self.model_parts]
         self.lr_schedulers = [build_lr_scheduler(cfg.lr_scheduler, o, cfg.training.steps) for o in self.optimizers]
-        self.dataloader = build_dataloader(
-            cfg.data, self.tokenizer, self.model_args.vision_input, seq_len=cfg.training.seq_len,
-            batch_size=cfg.training.local_batch_size, dp_rank=dp_rank,
-            dp_world=self.parallel_dims.dp_degree, seed=cfg.job.seed, pin_memory=self.device.type == "cuda")
         if self.rank == 0 and cfg.data.plan_samples:
             log_expected_padding(cfg.data, self.tokenizer, self.model_args.vision_input,
                                  seq_len=cfg.training.seq_len, seed=cfg.job.seed)
@@ -332,6 +337,16 @@ def check_pipeline_job(cfg: JobConfig, spec: ModelSpec, model_args) -> list[rang
                           "(then checkpoint.initial_load_path) or scripts/convert_dcp_to_hf.py instead")
     first_stage_layers = spec.pipeline_first_stage_layers(model_args) if spec.pipeline_first_stage_layers else 1
     return check_pipeline(cfg.parallelism, cfg.training.local_batch_size, model_args.decoder, first_stage_layers)
+
+
+def hf_folder_args(spec: ModelSpec, cfg: JobConfig):
+    """The flavor's args with the metadata (token ids) of checkpoint.initial_load_hf_path's
+    config.json, so that an HF export writes the checkpoint's own ids; the folder must hold the
+    flavor's architecture."""
+    try:
+        return args_for_hf_folder(spec, cfg.checkpoint.initial_load_hf_path, cfg.model.flavor)
+    except ValueError as e:
+        raise ConfigError(f"checkpoint.initial_load_hf_path: {e}") from None
 
 
 def check_cuda_graph(cfg: JobConfig, device: torch.device, world_size: int, backend: str):

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
 from titan_mm.config import parse_args  # noqa: E402
-from titan_mm.evaluate import caption_loss, latest_model_export, load_model  # noqa: E402
+from titan_mm.evaluate import grounding_losses, latest_model_export, load_model  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
 
 
@@ -31,8 +31,7 @@ def main(argv):
     weights = weights or latest_model_export(cfg.job.dump_folder, cfg.checkpoint.folder)
     model_args = get_model_spec(cfg.model.name).flavors[cfg.model.flavor]
     model = load_model(cfg, weights)
-    true_loss = caption_loss(cfg, model, model_args, data_path, shift=0)
-    swapped_loss = caption_loss(cfg, model, model_args, data_path, shift=37)
+    true_loss, swapped_loss = grounding_losses(cfg, model, model_args, data_path)
     print(f"weights: {weights}")
     print(f"held-out caption loss, true images:    {true_loss:.4f}")
     print(f"held-out caption loss, swapped images: {swapped_loss:.4f}")

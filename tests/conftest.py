@@ -31,3 +31,22 @@ def tiny_cfg(tmp_path):
         return make_config(tmp_path, "--training.seq_len", "256", "--data.image_slots_per_row", "10",
                            "--metrics.log_freq", "5", *overrides)
     return build
+
+
+def forward_on_meta(model_cls, args, inputs: dict):
+    """A forward with the model and every input on the meta device, whose tensors hold no data:
+    any host sync in it (.item(), .tolist(), .cpu(), bool() of a tensor, an op whose output shape
+    depends on values such as nonzero) raises instead of silently passing. Returns the output."""
+    import torch
+    with torch.device("meta"):
+        model = model_cls(args)
+    return model(**{k: v.to("meta") for k, v in inputs.items()})
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -348,7 +348,7 @@ def test_video_file_becomes_one_video_with_its_placeholders(qwen_tok, monkeypatc
     """5 decoded frames of 64 x 96 at 0.5 s apart: one is_video Image whose patches fit one image
     slot (the pixel budget is shared by video_max_frames frames), one <|video_pad|> per merged patch."""
     frames = torch.randint(0, 256, (5, 3, 64, 96), dtype=torch.uint8)
-    monkeypatch.setattr(chat, "load_video", lambda path, fps, max_frames: (frames, 0.5))
+    monkeypatch.setattr(chat, "load_video", lambda path, fps, max_frames: (frames, [0.0, 0.5, 1.0, 1.5, 2.0]))
     messages = [{"role": "user", "content": [text("Watch: "), {"type": "video", "video": "clip.mp4"}]},
                 {"role": "assistant", "content": "A ball rolls."}]
     doc = builder(qwen_tok, "qwen2_vl", video_max_frames=8).chat("x", messages, DATA)

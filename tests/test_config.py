@@ -85,6 +85,28 @@ def test_cli_reports_config_errors_before_building_anything():
     assert "model llava" not in out.stdout + out.stderr  # stopped before the model was built
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--data.path", "no/such/captions.jsonl"], "data file no/such/captions.jsonl not found"),
+    (["--data.dataset", "webdataset", "--data.path", "no/such/*.tar"], "no .tar shards match 'no/such/"),
+    (["--model.tokenizer_path", "no/such/tokenizer"], "no tokenizer.json in no/such/tokenizer"),
+    (["--model.name", "gpt5"], "unknown model.name 'gpt5'"),
+    (["--data.max_pixels", "16384"], "raise patches_per_slot to 256 or lower max_pixels to 4096"),
+    (["--data.patches_per_slot", "66", "--data.max_pixels", "4000"], "multiple of the merge area 4"),
+    (["--checkpoint.initial_load_hf_path", "no/such/hf"], "no config.json in no/such/hf"),
+])
+def test_bad_paths_and_budgets_are_one_line_before_the_model_is_built(tmp_path, capsys, args, message):
+    """Input errors found by the trainer (not by parse_args) still stop the CLI (train.main) with
+    exit code 2 and one 'config error:' line naming the fix, before the model is built (a traceback
+    would fail the test)."""
+    import train
+    code = train.main(["--job.config_file", DEBUG, "--job.dump_folder", str(tmp_path / "run"), *args])
+    out = capsys.readouterr()
+    assert code == 2, out.err
+    assert len(out.err.splitlines()) == 1 and out.err.startswith("config error: "), out.err
+    assert message in out.err
+    assert "parameters" not in out.out + out.err  # 'model llava/debug: 4.23M parameters'
+
+
 def test_print_config_prints_merged_toml():
     out = subprocess.run([sys.executable, "train.py", "--job.config_file", DEBUG, "--training.steps", "5",
                           "--print-config"], capture_output=True, text=True, check=True)

@@ -5,7 +5,6 @@ SigLIP2 tower and a Qwen3 decoder) of our debug flavors' sizes, saved with save_
 several shards. Conversion runs through the scripts' own main().
 """
 
-import importlib.util
 import json
 import os
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_config
+from conftest import load_script, make_config
 from titan_mm.data.dataloader import build_dataloader
 from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.data.tokenizer import Tokenizer
@@ -26,10 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, f"scripts/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(name).main
 
 
 def hf_model(family: str, flavor: str, seed: int = 0):
@@ -205,13 +201,36 @@ def test_fsdp_ranks_load_and_export_an_hf_folder(tmp_path):
     assert max((src[k] - exported[k]).abs().max().item() for k in src) <= 1e-9
 
 
+SMALL_TOKEN_IDS = {"image_token_id": 7, "video_token_id": 8, "vision_start_token_id": 5, "vision_end_token_id": 6}
+"""Placeholder ids of a checkpoint whose tokenizer is not Qwen's (inside the debug vocabulary)."""
+
+
+def test_qwen2_5_vl_trained_from_an_hf_folder_exports_its_token_ids(tmp_path):
+    """qwen2_5_vl/debug started from an HF folder whose config.json has its own token ids: the HF
+    export written at the last step carries those ids, not Qwen's defaults."""
+    import train
+    spec = get_model_spec("qwen2_5_vl")
+    config = transformers.AutoConfig.for_model(**{**spec.hf_adapter.hf_config(spec.flavors["debug"]),
+                                                  **SMALL_TOKEN_IDS})
+    transformers.Qwen2_5_VLForConditionalGeneration(config).save_pretrained(tmp_path / "src")
+    cfg = make_config(tmp_path, "--job.config_file", "train_configs/qwen2_5_vl_debug.toml",
+                      "--training.steps", "1", "--training.seq_len", "128", "--data.image_slots_per_row", "4",
+                      "--checkpoint.enable", "false", "--checkpoint.initial_load_hf_path", str(tmp_path / "src"),
+                      "--checkpoint.export_hf_path", str(tmp_path / "out"))
+    train.Trainer(cfg).train()
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: exported[k] for k in SMALL_TOKEN_IDS} == SMALL_TOKEN_IDS
+
+
 @pytest.mark.parametrize("family,hf_class", [("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
                                              ("qwen3_vl", "Qwen3VLForConditionalGeneration")])
 def test_qwen_vl_hf_to_dcp_to_hf_is_bit_identical_and_loads_in_transformers(tmp_path, family, hf_class):
     """The conversion scripts on a sharded save_pretrained folder of the debug flavor: every tensor
-    comes back bit-identical and transformers reproduces the source's logits (measured diff 0)."""
+    comes back bit-identical, transformers reproduces the source's logits (measured diff 0), and
+    config.json keeps the source's own placeholder token ids (not Qwen's defaults)."""
     spec = get_model_spec(family)
-    config = transformers.AutoConfig.for_model(**spec.hf_adapter.hf_config(spec.flavors["debug"]))
+    config = transformers.AutoConfig.for_model(**{**spec.hf_adapter.hf_config(spec.flavors["debug"]),
+                                                  **SMALL_TOKEN_IDS})
     torch.manual_seed(0)
     source = getattr(transformers, hf_class)(config).eval()
     source.save_pretrained(tmp_path / "src", max_shard_size="300KB")
@@ -222,9 +241,27 @@ def test_qwen_vl_hf_to_dcp_to_hf_is_bit_identical_and_loads_in_transformers(tmp_
     assert sorted(src) == sorted(out)
     for key in src:
         assert src[key].dtype == out[key].dtype and torch.equal(src[key], out[key]), key
+    exported_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: exported_config[k] for k in SMALL_TOKEN_IDS} == SMALL_TOKEN_IDS
     cls = getattr(transformers, hf_class)
     reloaded, original = (cls.from_pretrained(tmp_path / d).eval() for d in ("out", "src"))
     ids = torch.randint(8, 500, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (reloaded(input_ids=ids).logits - original(input_ids=ids).logits).abs().max().item()
     assert diff <= 1e-6
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_hf_folder_files_get_the_umask_mode_like_any_new_file(tmp_path, umask, mode):
+    """Every file of an HF export (safetensors shards too, which safetensors itself writes 0600) is
+    0666 less the umask: 0644 under the usual 022, so other users of a shared cluster can read it."""
+    from titan_mm.hf.io import write_hf_folder
+    old = os.umask(umask)
+    try:
+        write_hf_folder({"a": torch.ones(64), "b": torch.ones(64)}, {"model_type": "x"}, str(tmp_path / "hf"),
+                        max_shard_bytes=256)
+    finally:
+        os.umask(old)
+    files = sorted(os.listdir(tmp_path / "hf"))
+    assert sum(f.endswith(".safetensors") for f in files) == 2
+    assert {f: oct(os.stat(tmp_path / "hf" / f).st_mode & 0o777) for f in files} == {f: oct(mode) for f in files}

@@ -126,8 +126,33 @@ def test_unsupported_hf_configs_are_refused_with_the_reason():
     config = ADAPTER.hf_config(FLAVORS["debug-llama3"])
     with pytest.raises(ValueError, match="attention_bias"):
         ADAPTER.args_from_hf_config({**config, "attention_bias": True})
-    with pytest.raises(ValueError, match="yarn"):
-        ADAPTER.args_from_hf_config({**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="rope_type 'dynamic' is not implemented"):
+        ADAPTER.args_from_hf_config({**config, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
+
+
+def test_yarn_logits_match_transformers():
+    """A Qwen2.5 config.json with YaRN rope_scaling (hub layout: "type": "yarn"; original context
+    32 so the ramp falls inside the 32 frequencies): logits equal Qwen2ForCausalLM's at positions
+    up to 90, max abs diff <= 1e-4."""
+    from titan_mm.models.rope import YarnRopeScaling
+    d = FLAVORS["debug-qwen2"].decoder
+    config = {**ADAPTER.hf_config(FLAVORS["debug-qwen2"]), "max_position_embeddings": 128,
+              "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}
+    args = ADAPTER.args_from_hf_config(config)
+    assert args.decoder.rope_scaling == YarnRopeScaling(factor=4.0, original_max_position_embeddings=32)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.AutoConfig.for_model(**config)).eval()
+    assert hf.model.rotary_emb.rope_type == "yarn"
+    with torch.device("meta"):
+        ours = TextModel(args)
+    ours.to_empty(device="cpu")
+    ours.init_weights()
+    load_hf_state_dict(ours, ADAPTER, hf.state_dict())
+    ids, pos, doc = (x[None] for x in packed_row([90], 96, d.vocab_size, 0))
+    with torch.no_grad():
+        diff = (ours.eval()(ids, pos, doc, pixel_values=None, grid_thw=None, image_token_index=None)[0, :90]
+                - hf(input_ids=ids[:, :90]).logits[0]).abs().max().item()
+    assert diff <= TOL
 
 
 def test_debug_flavor_loss_falls_in_100_steps(tmp_path):

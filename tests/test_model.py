@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import forward_on_meta
+
 from titan_mm.data.documents import Document, Image
 from titan_mm.data.image import patchify
 from titan_mm.data.packing import RowShape
@@ -110,18 +112,35 @@ def run(model, docs):
     return model(**inputs), batch
 
 
-def test_forward_has_no_host_syncs():
-    """A forward with fake tensors needs no data: any .item()/.tolist()/data-dependent branch fails."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    model = build_model()
+MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "pixel_values", "grid_thw", "image_token_index")
+
+
+def one_image_batch() -> dict:
     batch = collate_rows([build_row([doc_with([random_image(2, 4, 0)], [7] * 6, 0)], SHAPE)],
                          SHAPE.patches_per_slot // SHAPE.merge_area)
-    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) as mode:
-        inputs = {k: mode.from_tensor(batch[k]) for k in ("input_ids", "position_ids", "document_ids",
-                                                         "pixel_values", "grid_thw", "image_token_index")}
-        logits = model(**inputs)
+    return {k: batch[k] for k in MODEL_INPUTS}
+
+
+def test_forward_has_no_host_syncs():
+    """A forward on the meta device, where no tensor holds data: any .item(), .tolist(), .cpu() or
+    data-dependent branch raises (conftest.forward_on_meta)."""
+    logits = forward_on_meta(LlavaModel, ARGS, one_image_batch())
     assert logits.shape == (1, SHAPE.seq_len, ARGS.decoder.vocab_size)
+
+
+@pytest.mark.parametrize("sync", [
+    lambda h: h + h.sum().item(),
+    lambda h: h + torch.tensor(h[0, 0, :2].tolist(), device=h.device).sum(),
+    lambda h: h.cpu().to(h.device),
+    lambda h: h * 2 if (h > 0).any() else h,
+], ids=["item", "tolist", "cpu", "branch"])
+def test_host_sync_detector_catches_a_sync_added_to_forward(monkeypatch, sync):
+    """The detector itself: the same forward with a sync added after the decoder's last norm fails."""
+    from titan_mm.models.llama.model import RMSNorm
+    norm_forward = RMSNorm.forward
+    monkeypatch.setattr(RMSNorm, "forward", lambda self, x: sync(norm_forward(self, x)))
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        forward_on_meta(LlavaModel, ARGS, one_image_batch())
 
 
 @pytest.mark.parametrize("out_h,out_w,antialias", [(7, 23, True), (7, 23, False), (3, 16, True),

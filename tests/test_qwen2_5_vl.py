@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import forward_on_meta
 from titan_mm.config import parse_args
 from titan_mm.data.dataloader import collate_rows
 from titan_mm.data.documents import Document, DocumentBuilder
@@ -39,8 +40,7 @@ SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|vision_start|>", "<|image_pad|>"
 WORDS = "a an the red green blue circle square triangle at top bottom left right and of video shows".split()
 PAD, BOS, EOS, VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = range(7)
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "pixel_values", "grid_thw", "image_token_index")
-ADAPTER = Qwen2_5_VLAdapter(image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD,
-                            vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+ADAPTER = Qwen2_5_VLAdapter()
 
 
 def tiny_hf_config(tie: bool = False):
@@ -58,9 +58,9 @@ def tiny_hf_config(tie: bool = False):
         vision_end_token_id=VISION_END, tie_word_embeddings=tie)
 
 
-def tiny_hf_model(tie: bool = False, seed: int = 0):
+def tiny_hf_model(tie: bool = False, seed: int = 0, config=None):
     torch.manual_seed(seed)
-    hf = transformers.Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tie)).eval()
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(config or tiny_hf_config(tie)).eval()
     hf.config._attn_implementation = "eager"
     with torch.no_grad():  # norms at ones and biases at zero would hide a swapped or missing one
         for p in hf.parameters():
@@ -202,6 +202,50 @@ def test_logits_match_hf(model, hf_model, media_dir, name):
     assert filler_diff <= TOL, f"{name}: packed second document differs by {filler_diff:.2e}"
 
 
+def flat_hub_config_with_yarn() -> dict:
+    """The tiny model's config.json in the released checkpoints' flat layout (text fields at the top
+    level, ``rope_scaling`` with ``type``), with the YaRN entry Qwen's model card says to add for
+    inputs over 32k tokens: original context 64 here, so that the ramp falls inside the tiny
+    model's 8 frequencies (3 kept, 5 interpolated)."""
+    config = tiny_hf_config().to_dict()
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    return {**config, **text, "model_type": "qwen2_5_vl", "max_position_embeddings": 256,
+            "rope_theta": rope["rope_theta"],
+            "rope_scaling": {"type": "yarn", "mrope_section": rope["mrope_section"], "factor": 4.0,
+                             "original_max_position_embeddings": 64}}
+
+
+def test_yarn_rope_scaling_matches_hf(media_dir):
+    """A config.json with YaRN rope_scaling loads as YaRN with M-RoPE: logits equal
+    transformers' (max abs diff <= 1e-4) on text, images and a video, where plain RoPE on the same
+    weights is far off (it was loaded silently before)."""
+    import dataclasses
+    from titan_mm.models.rope import YarnRopeScaling
+    config = flat_hub_config_with_yarn()
+    hf = tiny_hf_model(config=transformers.Qwen2_5_VLConfig(**config))
+    assert hf.model.language_model.rotary_emb.rope_type == "yarn"
+    args = ADAPTER.args_from_hf_config(config)
+    assert args.decoder.rope_scaling == YarnRopeScaling(factor=4.0, original_max_position_embeddings=64)
+    exported = transformers.Qwen2_5_VLConfig(**ADAPTER.hf_config(args))
+    assert exported.text_config.rope_parameters["rope_type"] == "yarn"
+    assert ADAPTER.args_from_hf_config(exported.to_dict()) == args
+    ours = ours_from_hf(hf)
+    plain_rope = dataclasses.replace(args.decoder, rope_scaling=None)
+    plain = Qwen2_5_VLModel(dataclasses.replace(args, decoder=plain_rope))
+    plain.load_state_dict(ours.state_dict())
+    for name in ("three_images", "video_and_image"):
+        doc = build_doc(ours, media_dir, name)
+        batch = {k: v for k, v in batch_of([doc]).items() if k in MODEL_INPUTS}
+        n = len(doc.tokens)
+        with torch.no_grad():
+            theirs = hf(**hf_inputs(doc, media_dir)).logits[0]
+            diff = (ours(**batch)[0, :n] - theirs).abs().max().item()
+            plain_diff = (plain.eval()(**batch)[0, :n] - theirs).abs().max().item()
+        assert diff <= TOL, f"{name}: YaRN logits differ from HF by {diff:.2e}"
+        assert plain_diff > 100 * TOL, f"{name}: plain RoPE is only {plain_diff:.2e} off; the test shows nothing"
+
+
 def test_vit_outputs_match_hf(model, hf_model, media_dir):
     """Merged ViT embeddings of three images and a video vs HF's visual tower: max abs diff <= 1e-4."""
     doc = builder_for(model, media_dir).interleaved("mixed", [
@@ -316,13 +360,8 @@ def test_hf_config_round_trips_for_every_flavor():
 
 
 def test_forward_has_no_host_syncs(media_dir):
-    """A forward on fake tensors needs no data (any .item()/.tolist()/data-dependent branch fails)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    with torch.device("meta"):
-        model = Qwen2_5_VLModel(FLAVORS["debug"])
-    model.to_empty(device="cpu")
-    model.init_weights()
+    """A forward on the meta device, where no tensor holds data: any .item(), .tolist(), .cpu() or
+    data-dependent branch raises (conftest.forward_on_meta)."""
     shape = RowShape(seq_len=64, image_slots=2, patches_per_slot=64, patch_dim=SPEC_PATCH_DIM, merge_area=4,
                      pad_id=PAD, media_token_ids=(IMAGE_PAD,), position_dims=3)
     patches, coords = patchify(torch.randn(2, 3, 56, 56), patch=14, temporal_patch=2, merge=2)
@@ -330,8 +369,7 @@ def test_forward_has_no_host_syncs(media_dir):
     doc = Document("fake", tokens, [False] * 7 + [True] * 2, [Media(patches, coords, first_token=2)])
     doc.positions = mrope_position_ids(doc, FLAVORS["debug"])
     batch = collate_rows([build_row([doc], shape)], 16)
-    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) as mode:
-        logits = model(**{k: mode.from_tensor(batch[k]) for k in MODEL_INPUTS})
+    logits = forward_on_meta(Qwen2_5_VLModel, FLAVORS["debug"], {k: batch[k] for k in MODEL_INPUTS})
     assert logits.shape == (1, 64, FLAVORS["debug"].decoder.vocab_size)
 
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image as PILImage
 from safetensors.torch import load_file
 
-from conftest import make_config, train_losses
+from conftest import forward_on_meta, make_config, train_losses
 from titan_mm.data.dataloader import collate_rows
 from titan_mm.data.documents import DocumentBuilder, Image
 from titan_mm.data.image import ImageProcessor
@@ -133,11 +133,11 @@ def builder(tok: Tokenizer, args: Qwen3VLArgs = TINY) -> DocumentBuilder:
     return DocumentBuilder(tok, ImageProcessor(spec, MIN_PIXELS, MAX_PIXELS), spec.positions_fn)
 
 
-def video_of_grid(grid: tuple[int, int, int], seconds_per_temporal_patch: float) -> Image:
-    """A video of (t, h, w) patches (the pixels do not matter)."""
+def video_of_grid(grid: tuple[int, int, int], frame_seconds: list[float]) -> Image:
+    """A video of (t, h, w) patches whose sampled frames are at ``frame_seconds`` (the pixels do not
+    matter)."""
     coords = torch.stack(torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij"), -1).reshape(-1, 3)
-    return Image(torch.zeros(len(coords), 1), coords, is_video=True,
-                 seconds_per_temporal_patch=seconds_per_temporal_patch)
+    return Image(torch.zeros(len(coords), 1), coords, is_video=True, frame_seconds=tuple(frame_seconds))
 
 
 def ours_batch(docs):
@@ -250,24 +250,47 @@ def test_positions_match_get_rope_index(models, tok, media_root):
     assert torch.equal(doc.positions, ref[:, 0])
 
 
-def test_video_placeholders_match_qwen3vl_processor(tok):
-    """Our video tokens equal Qwen3VLProcessor.replace_video_token's string tokenized (timestamps
-    '<t seconds>' per temporal patch, mean of the patch's first and last frame), for 6 frames at
-    2 fps and 8 frames at 0.7 fps."""
+def hf_video_placeholders(grid: tuple[int, int, int], frames_indices: list[int], fps: float) -> str:
+    """Qwen3VLProcessor.replace_video_token's text for a video of ``grid`` whose sampled frames are
+    ``frames_indices`` of a video at ``fps`` (the processor's own code, with the bundled
+    tokenizer's media token names)."""
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
     from transformers.video_utils import VideoMetadata
     hf_processor = types.SimpleNamespace(
         video_processor=types.SimpleNamespace(merge_size=2, temporal_patch_size=2),
         video_token="<|video_pad|>", vision_start_token="<|image_start|>", vision_end_token="<|image_end|>",
         _calculate_timestamps=lambda *a: Qwen3VLProcessor._calculate_timestamps(None, *a))
-    for n_frames, fps in ((6, 2.0), (8, 0.7)):
-        grid = (n_frames // 2, 4, 6)
-        video = video_of_grid(grid, seconds_per_temporal_patch=2 / fps)
-        metadata = VideoMetadata(total_num_frames=n_frames, fps=fps, frames_indices=list(range(n_frames)))
-        hf_text = Qwen3VLProcessor.replace_video_token(
-            hf_processor, {"video_grid_thw": torch.tensor([grid]), "video_metadata": [metadata]}, 0)
-        ours = timestamped_video_tokens(tok, video, merge_area=4, temporal_patch_size=2)
-        assert ours == tok.encode(hf_text)
+    metadata = VideoMetadata(total_num_frames=frames_indices[-1] + 1, fps=fps, frames_indices=list(frames_indices))
+    return Qwen3VLProcessor.replace_video_token(
+        hf_processor, {"video_grid_thw": torch.tensor([grid]), "video_metadata": [metadata]}, 0)
+
+
+@pytest.mark.parametrize("frames_indices,fps", [
+    (range(6), 2.0), (range(8), 0.7),
+    (range(5), 3.0),      # odd: the last temporal patch repeats frame 4, '<1.3 seconds>' (was 1.5)
+    ([0, 6, 11], 10.0),   # 3 frames sampled from a 12-frame clip: uneven gaps, odd count
+    ([0], 24.0),          # a single frame, paired with itself
+])
+def test_video_placeholders_match_qwen3vl_processor(tok, frames_indices, fps):
+    """Our video tokens equal Qwen3VLProcessor.replace_video_token's string tokenized (timestamps
+    '<t seconds>' per temporal patch, the mean of its first and last frame's time, the last frame
+    repeated for an odd count)."""
+    frames_indices = list(frames_indices)
+    grid = ((len(frames_indices) + 1) // 2, 4, 6)
+    video = video_of_grid(grid, frame_seconds=[i / fps for i in frames_indices])
+    ours = timestamped_video_tokens(tok, video, merge_area=4, temporal_patch_size=2)
+    assert ours == tok.encode(hf_video_placeholders(grid, frames_indices, fps))
+
+
+def test_video_frame_files_get_hf_timestamps(tok, media_root):
+    """A video given as 5 frame files at 3 fps, through the document builder: the same placeholder
+    tokens as Qwen3VLProcessor writes for frames 0-4 at 3 fps (the last block at '<1.3 seconds>')."""
+    video = {"type": "video", "video": [f"frame{i}.png" for i in (0, 1, 2, 3, 0)], "fps": 3.0}
+    doc = builder(tok).interleaved("v", [video, text("a video.")], str(media_root))
+    (media,) = doc.images
+    hf_tokens = tok.encode(hf_video_placeholders(media.grid, list(range(5)), 3.0))
+    assert any(doc.tokens[i:i + len(hf_tokens)] == hf_tokens for i in range(len(doc.tokens)))
+    assert "<1.3 seconds>" in tok.decode(hf_tokens)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (37, 500), (1000, 30), (12, 18), (1500, 2000), (333, 100)])
@@ -366,19 +389,13 @@ def test_published_flavor_sizes():
 
 
 def test_forward_has_no_host_syncs(tok, media_root):
-    """A forward under FakeTensorMode needs no data: any .item()/.tolist()/data-dependent branch fails."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    with torch.device("meta"):
-        model = Qwen3VLModel(TINY)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    """A forward on the meta device, where no tensor holds data: any .item(), .tolist(), .cpu() or
+    data-dependent branch raises (conftest.forward_on_meta)."""
     doc = builder(tok).interleaved("fake", [image("wide"), VIDEO, text("z.")], str(media_root))
     batch = ours_batch([doc])
-    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) as mode:
-        inputs = {k: mode.from_tensor(batch[k]) for k in ("input_ids", "position_ids", "document_ids",
-                                                         "pixel_values", "grid_thw", "image_token_index")}
-        logits = model(**inputs)
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "document_ids", "pixel_values", "grid_thw",
+                                    "image_token_index")}
+    logits = forward_on_meta(Qwen3VLModel, TINY, inputs)
     assert logits.shape == (1, SHAPE.seq_len, TINY.decoder.vocab_size)
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import make_config, train_losses
+from conftest import load_script, make_config, train_losses
 from titan_mm.train.lr_scheduler import lr_multiplier
 from titan_mm.config import LRScheduler
 
@@ -93,20 +93,27 @@ def test_run_train_sh_logs_progress_tensorboard_and_checkpoint(tmp_path):
     assert (dump / "config.toml").is_file()
 
 
-def test_model_learns_to_use_the_images(tmp_path):
-    """A shorter debug run (400 of 600 steps): held-out caption loss with the true images is at
-    least 25% lower than with images swapped between samples (measured: 53%; the full run: 61%)."""
-    from titan_mm.evaluate import caption_loss
-    import train
-    cfg = make_config(tmp_path, "--training.steps", "400", "--checkpoint.enable", "false")
-    trainer = train.Trainer(cfg)
-    trainer.train()
-    model = trainer.model.eval()
-    val = "assets/sample_data/captions_val.jsonl"
-    true_loss = caption_loss(cfg, model, trainer.model_args, val, shift=0)
-    swapped_loss = caption_loss(cfg, model, trainer.model_args, val, shift=37)
-    print(f"held-out caption loss: true images {true_loss:.4f}, swapped {swapped_loss:.4f}")
-    assert true_loss <= 0.75 * swapped_loss
+GROUNDED = 0.9
+"""Held-out caption loss with the true images over the loss with images swapped between samples,
+below which the model uses its images: a model that ignores them stays within 1.00 +- 0.01."""
+
+
+GROUNDING_RUN = ["--optimizer.lr", "5e-4"]
+"""The quick-start config (600 steps) at half its learning rate, where grounding comes early and at
+nearly the same step for every seed and thread count (docs/testing.md)."""
+
+
+def test_model_learns_to_use_the_images():
+    """The debug VLM learns to use its images: checked every 50 steps, the ratio above falls below
+    0.9 within the 600 steps of its schedule (the run stops there). Grounding appears suddenly, at a
+    step that depends on the machine's floating-point kernels as much as on the seed; in this
+    setting it was first below 0.9 at step 150 in all of 16 runs (8 seeds x 1 and 2 threads), so
+    600 steps leave a margin of 4x (docs/testing.md, scripts/grounding_spread.py)."""
+    import torch
+    measure = load_script("grounding_spread").ratios_during_training
+    ratios = measure(GROUNDING_RUN, seed=0, threads=torch.get_num_threads(), eval_every=50, stop_below=GROUNDED)
+    print("true / swapped caption loss by step:", {step: round(r, 3) for step, r in ratios.items()})
+    assert min(ratios.values()) < GROUNDED, ratios
 
 
 def test_compiled_blocks_do_not_recompile_across_steps(tmp_path):

@@ -73,17 +73,19 @@ def decoded(path, indices):
     return VideoDecoder(str(path)).get_frames_at(indices).data
 
 
-@pytest.mark.parametrize("fps, max_frames, indices, seconds", [
-    (5, 16, [0, 2, 4, 7, 9, 11], 11 / 5 / 10),     # 1.2 s x 5 fps = 6 frames, first to last
-    (10, 4, [0, 4, 7, 11], 11 / 3 / 10),            # capped at max_frames
-    (2.5, 16, [0, 6, 11, 11], 11 / 2 / 10),         # 3 frames: the last repeated to an even count
-    (0.5, 16, [0, 0], 1 / 10),                      # 1 frame: at least one temporal patch of 2
+@pytest.mark.parametrize("fps, max_frames, indices, sampled", [
+    (5, 16, [0, 2, 4, 7, 9, 11], 6),     # 1.2 s x 5 fps = 6 frames, first to last
+    (10, 4, [0, 4, 7, 11], 4),            # capped at max_frames
+    (2.5, 16, [0, 6, 11, 11], 3),         # 3 frames: the last repeated to an even count
+    (0.5, 16, [0, 0], 1),                 # 1 frame: at least one temporal patch of 2
 ])
-def test_frames_are_sampled_at_fps_capped_even_and_at_least_two(media, fps, max_frames, indices, seconds):
-    frames, seconds_per_frame = load_video(str(media / "clip.mp4"), fps, max_frames)
+def test_frames_are_sampled_at_fps_capped_even_and_at_least_two(media, fps, max_frames, indices, sampled):
+    """The decoded frames, and each sampled frame's time (frame index / 10 fps; the repeated last
+    frame not counted again)."""
+    frames, frame_seconds = load_video(str(media / "clip.mp4"), fps, max_frames)
     assert frames.dtype == torch.uint8 and frames.shape == (len(indices), 3, 48, 64)
     assert torch.equal(frames, decoded(media / "clip.mp4", indices))
-    assert seconds_per_frame == pytest.approx(seconds)
+    assert frame_seconds == pytest.approx([i / 10 for i in indices[:sampled]])
 
 
 def test_interleaved_video_file_has_one_placeholder_per_merged_patch(media, tok):

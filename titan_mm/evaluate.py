@@ -63,3 +63,14 @@ def caption_loss(cfg: JobConfig, model: torch.nn.Module, model_args, path: str, 
         total += model(**inputs, labels=labels).item()  # summed loss, logits never materialised
         count += int((labels != IGNORE_INDEX).sum())
     return total / count
+
+
+SWAP_SHIFT = 37
+"""Swapped images: caption i is paired with the image of sample i + 37 (mod the sample count)."""
+
+
+def grounding_losses(cfg: JobConfig, model: torch.nn.Module, model_args, path: str) -> tuple[float, float]:
+    """Held-out caption loss with the true images and with images swapped between samples: a model
+    that ignores its images scores the same on both."""
+    return (caption_loss(cfg, model, model_args, path, shift=0),
+            caption_loss(cfg, model, model_args, path, shift=SWAP_SHIFT))

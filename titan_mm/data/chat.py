@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from titan_mm.config import ConfigError
 from titan_mm.data.documents import Document, DocumentBuilder, SampleError, image_input, is_image_value
 from titan_mm.data.image import ImageProcessor
 from titan_mm.data.tokenizer import Tokenizer
@@ -66,13 +67,13 @@ SPECIAL_TOKEN = re.compile(r"<\|[^|]+\|>")
 def get_chat_format(name: str, tokenizer: Tokenizer) -> ChatFormat:
     """The chat format ``name``, checked to be writable with ``tokenizer``."""
     if name not in CHAT_FORMATS:
-        raise ValueError(f"unknown data.chat_format {name!r}; choose one of {sorted(CHAT_FORMATS)}")
+        raise ConfigError(f"unknown data.chat_format {name!r}; choose one of {sorted(CHAT_FORMATS)}")
     fmt = CHAT_FORMATS[name]
     for token in SPECIAL_TOKEN.findall(fmt.begin + fmt.turn_start + fmt.turn_end):
         if tokenizer.token_id(token) is None or tokenizer.encode(token) != [tokenizer.token_id(token)]:
-            raise ValueError(f"data.chat_format = {name!r} writes {token}, which is not a special token "
-                             f"of this tokenizer; choose the chat format of the tokenizer's model family "
-                             f"(plain for assets/tokenizer)")
+            raise ConfigError(f"data.chat_format = {name!r} writes {token}, which is not a special token "
+                              f"of this tokenizer; choose the chat format of the tokenizer's model family "
+                              f"(plain for assets/tokenizer)")
     return fmt
 
 

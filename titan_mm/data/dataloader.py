@@ -68,14 +68,14 @@ def check_image_budget(cfg: Data, patch_size: int, merge: int):
     factor = patch_size * merge
     max_patches = (cfg.max_pixels // factor ** 2) * merge ** 2
     if max_patches > cfg.patches_per_slot:
-        raise ValueError(
+        raise ConfigError(
             f"data.max_pixels={cfg.max_pixels} allows images of up to {max_patches} patches of "
             f"{patch_size}px, more than one slot holds (data.patches_per_slot={cfg.patches_per_slot}); "
             f"raise patches_per_slot to {max_patches} or lower max_pixels to "
             f"{cfg.patches_per_slot * patch_size ** 2}")
     if cfg.patches_per_slot % (merge * merge):
-        raise ValueError(f"data.patches_per_slot={cfg.patches_per_slot} must be a multiple "
-                         f"of the merge area {merge * merge}")
+        raise ConfigError(f"data.patches_per_slot={cfg.patches_per_slot} must be a multiple "
+                          f"of the merge area {merge * merge}")
 
 
 def build_document_builder(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec,

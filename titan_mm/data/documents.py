@@ -31,6 +31,9 @@ class Image:
     is_video: bool = False
     seconds_per_temporal_patch: float = 0.0
     """Videos: seconds between consecutive temporal patches (for time-aware position ids)."""
+    frame_seconds: tuple[float, ...] = ()
+    """Videos: the time of each sampled frame (an odd count's repeated last frame not included),
+    for timestamps in the text (Qwen3-VL)."""
     first_token: int = -1
     """Index of its first placeholder token in its document (set by the builder)."""
 
@@ -39,6 +42,16 @@ class Image:
         """(t, h, w) patch-grid size."""
         t, h, w = (self.coords.amax(dim=0) + 1).tolist()
         return t, h, w
+
+
+def video_image(patches: torch.Tensor, coords: torch.Tensor, frame_seconds: list[float],
+                temporal_patch_size: int) -> Image:
+    """A video's Image: its sampled frames' times, and temporal patches spaced by the mean gap
+    between frames (0 for a single frame, where there is one temporal patch)."""
+    n = len(frame_seconds)
+    gap = (frame_seconds[-1] - frame_seconds[0]) / (n - 1) if n > 1 else 0.0
+    return Image(patches, coords, is_video=True, seconds_per_temporal_patch=gap * temporal_patch_size,
+                 frame_seconds=tuple(frame_seconds))
 
 
 @dataclass
@@ -151,8 +164,8 @@ class DocumentBuilder:
             patches, coords = self.image_processor.video(torch.stack(frames))
         except MediaError as e:
             raise SampleError(e.kind, f"{doc.ref}: {e}") from None
-        seconds = self.image_processor.temporal_patch_size / fps
-        self._add_media(doc, Image(patches, coords, is_video=True, seconds_per_temporal_patch=seconds),
+        frame_seconds = [i / fps for i in range(len(frames))]
+        self._add_media(doc, video_image(patches, coords, frame_seconds, self.image_processor.temporal_patch_size),
                         self.tok.video_id)
 
     def _add_video_file(self, doc: Document, path: str):
@@ -160,16 +173,15 @@ class DocumentBuilder:
 
     def _add_decoded_video(self, doc: Document, path: str, decode: Callable):
         """A video file, sampled and decoded here (in the loader worker) by
-        ``decode(path, fps, max_frames) -> (frames [T, 3, H, W], seconds between frames)``."""
+        ``decode(path, fps, max_frames) -> (frames [T, 3, H, W], the time of each sampled frame)``."""
         if self.tok.video_id is None:
             raise SampleError("unsupported", f"{doc.ref}: a video, but the tokenizer defines no video_token")
         try:
-            frames, seconds_per_frame = decode(path, self.video_fps, self.video_max_frames)
+            frames, frame_seconds = decode(path, self.video_fps, self.video_max_frames)
             patches, coords = self.video_processor.video(frames)
         except MediaError as e:
             raise SampleError(e.kind, f"{doc.ref}: {e}") from None
-        seconds = seconds_per_frame * self.image_processor.temporal_patch_size
-        video = Image(patches, coords, is_video=True, seconds_per_temporal_patch=seconds)
+        video = video_image(patches, coords, frame_seconds, self.image_processor.temporal_patch_size)
         self._add_media(doc, video, self.tok.video_id)
 
     def _add_media(self, doc: Document, media: Image, placeholder_id: int):

@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 from torch.utils.data import get_worker_info
 
+from titan_mm.config import ConfigError
 from titan_mm.data.documents import Document, DocumentBuilder, SampleError
 from titan_mm.data.formats import open_record_file
 from titan_mm.data.samples import SampleDecoder
@@ -71,7 +72,7 @@ def expand_paths(pattern: str) -> list[str]:
             continue
         found = sorted(p for p in glob.glob(part) if os.path.isfile(p))
         if not found:
-            raise FileNotFoundError(f"data file {part} not found (set data.path or data.mixture_paths)")
+            raise ConfigError(f"data file {part} not found (set data.path or data.mixture_paths)")
         paths += found
     return sorted(set(paths))
 

@@ -6,6 +6,8 @@ from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
+from titan_mm.config import ConfigError
+
 
 # tried in order when neither tokenizer_config.json nor the model family names the token
 CONVENTIONAL_NAMES = {
@@ -31,7 +33,7 @@ class Tokenizer:
     def __init__(self, folder: str, special_tokens: dict[str, str] | None = None):
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {folder} (set model.tokenizer_path)")
+            raise ConfigError(f"no tokenizer.json in {folder} (set model.tokenizer_path)")
         self._tok = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
         config_path = folder / "tokenizer_config.json"
         special = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -57,9 +59,9 @@ class Tokenizer:
                 continue
             # added tokens take the next free id, so only a token declared at that id can be added
             if known is not None or int(token_id) != self._tok.get_vocab_size():
-                raise ValueError(f"tokenizer_config.json declares {entry['content']!r} at id {token_id} "
-                                 f"but tokenizer.json has it at {known} (vocabulary size "
-                                 f"{self._tok.get_vocab_size()}); the two files do not belong together")
+                raise ConfigError(f"tokenizer_config.json declares {entry['content']!r} at id {token_id} "
+                                  f"but tokenizer.json has it at {known} (vocabulary size "
+                                  f"{self._tok.get_vocab_size()}); the two files do not belong together")
             self._tok.add_special_tokens([AddedToken(
                 entry["content"], single_word=entry.get("single_word", False),
                 lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False),
@@ -67,12 +69,12 @@ class Tokenizer:
 
     def _token_id(self, special: dict, key: str) -> int:
         if special.get(key) is None:
-            raise ValueError(f"the tokenizer defines no {key} (tokenizer_config.json or the model family)")
+            raise ConfigError(f"the tokenizer defines no {key} (tokenizer_config.json or the model family)")
         token = special[key]
         token = token["content"] if isinstance(token, dict) else token
         token_id = self._tok.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"{key} {token!r} of tokenizer_config.json is not in the vocabulary")
+            raise ConfigError(f"{key} {token!r} of tokenizer_config.json is not in the vocabulary")
         return token_id
 
     @property

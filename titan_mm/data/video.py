@@ -38,9 +38,10 @@ def video_frame_processor(image_processor: ImageProcessor, max_frames: int) -> I
     return processor
 
 
-def load_video(path: str, fps: float, max_frames: int) -> tuple[torch.Tensor, float]:
+def load_video(path: str, fps: float, max_frames: int) -> tuple[torch.Tensor, list[float]]:
     """Sampled frames, uint8 [T, 3, H, W] with T even and >= 2 (see pad_to_temporal_patches), and
-    the seconds between two consecutive sampled frames. Only the sampled frames are decoded.
+    the time in seconds of each sampled frame (the repeated last one not included: T or T - 1
+    times, or 1 for a single frame). Only the sampled frames are decoded.
 
     Raises MediaError: video_unsupported (torchcodec cannot be loaded), missing_video, corrupt_video.
     """
@@ -60,5 +61,4 @@ def load_video(path: str, fps: float, max_frames: int) -> tuple[torch.Tensor, fl
         frames = decoder.get_frames_at(pad_to_temporal_patches(indices)).data
     except (RuntimeError, ValueError, IndexError) as e:
         raise MediaError("corrupt_video", f"cannot decode video {path}: {e}") from None
-    step = (indices[-1] - indices[0]) / (len(indices) - 1) if len(indices) > 1 else 1
-    return frames, step / native_fps
+    return frames, [i / native_fps for i in indices]

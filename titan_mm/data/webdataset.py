@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import get_worker_info
 
+from titan_mm.config import ConfigError
 from titan_mm.data.documents import Document, DocumentBuilder, SampleError
 from titan_mm.data.sources import count_skip
 
@@ -62,8 +63,8 @@ def expand_shards(pattern: str) -> list[str]:
     shards = sorted({p for part in pattern.split(",") if part for p in glob.glob(part)})
     shards = [p for p in shards if os.path.isfile(p)]
     if not shards:
-        raise FileNotFoundError(f"no .tar shards match {pattern!r} (set data.path to a glob such as "
-                                f"'/data/cc12m/*.tar')")
+        raise ConfigError(f"no .tar shards match {pattern!r} (set data.path to a glob such as "
+                          f"'/data/cc12m/*.tar')")
     return shards
 
 

@@ -4,6 +4,10 @@ import re
 
 import torch
 
+TOKEN_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+"""Placeholder token ids the Qwen-VL families' args record for config.json; the models themselves
+read image_token_index."""
+
 
 class HFAdapter:
     """Maps state-dict keys between titan_mm and HF by renames, so the mapping also applies to

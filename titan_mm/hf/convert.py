@@ -2,24 +2,28 @@
 
 A model-only DCP folder holds ``{"model": state_dict}`` like a run's ``model-step-N`` export, so it
 is a valid ``checkpoint.initial_load_path``. Either way one copy of the weights is held: HF tensors
-are read by DCP straight into the model's parameters.
+are read by DCP straight into the model's parameters. hf_to_dcp keeps the source's config.json in
+the DCP folder, so that dcp_to_hf writes the checkpoint's own metadata (token ids) back.
 """
 
 import dataclasses
 import json
 import logging
 import os
+import shutil
 
 import torch
 import torch.distributed.checkpoint as dcp
 
+from titan_mm.config import ConfigError
+from titan_mm.hf.adapter import TOKEN_ID_FIELDS
 from titan_mm.hf.io import load_hf_weights, save_hf_weights
 from titan_mm.models import ModelSpec
 from titan_mm.train.checkpoint import ModelState
 
 logger = logging.getLogger(__name__)
 
-METADATA_FIELDS = {"max_position_embeddings", "image_token_id", "init_std"}
+METADATA_FIELDS = {"max_position_embeddings", "init_std", *TOKEN_ID_FIELDS}
 """Args recorded in config.json that do not change the weights or the forward."""
 
 
@@ -43,10 +47,25 @@ def args_differences(ours, theirs, prefix: str = "") -> list[str]:
     return out
 
 
+def with_metadata_of(ours, theirs):
+    """``ours`` with the METADATA_FIELDS values of ``theirs`` (nested dataclasses too)."""
+    changes = {}
+    for f in dataclasses.fields(ours):
+        a, b = getattr(ours, f.name), getattr(theirs, f.name)
+        if f.name in METADATA_FIELDS:
+            changes[f.name] = b
+        elif dataclasses.is_dataclass(a) and type(a) is type(b):
+            changes[f.name] = with_metadata_of(a, b)
+    return dataclasses.replace(ours, **changes)
+
+
 def args_for_hf_folder(spec: ModelSpec, hf_folder: str, flavor: str | None):
-    """The flavor's args, checked against the folder's config.json; or, without a flavor, the
-    args config.json describes."""
-    with open(os.path.join(hf_folder, "config.json")) as f:
+    """The flavor's args, checked against the folder's config.json and with its metadata (token
+    ids, context length); or, without a flavor, the args config.json describes."""
+    path = os.path.join(hf_folder, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"no config.json in {hf_folder}: not an HF checkpoint folder")
+    with open(path) as f:
         from_config = spec.hf_adapter.args_from_hf_config(json.load(f))
     if flavor is None:
         matches = [name for name, args in spec.flavors.items() if not args_differences(args, from_config)]
@@ -63,7 +82,7 @@ def args_for_hf_folder(spec: ModelSpec, hf_folder: str, flavor: str | None):
         raise ValueError(f"{spec.name}/{flavor} differs from {hf_folder}/config.json in "
                          f"{'; '.join(differences)} (flavor vs config); pick the matching flavor or omit "
                          f"--model.flavor")
-    return spec.flavors[flavor]
+    return with_metadata_of(spec.flavors[flavor], from_config)
 
 
 def hf_to_dcp(spec: ModelSpec, hf_folder: str, out_folder: str, flavor: str | None = None):
@@ -71,12 +90,18 @@ def hf_to_dcp(spec: ModelSpec, hf_folder: str, out_folder: str, flavor: str | No
     model = empty_model(spec, args)
     load_hf_weights(model, spec.hf_adapter, hf_folder)
     dcp.save({"model": ModelState(model)}, checkpoint_id=out_folder)
+    shutil.copy(os.path.join(hf_folder, "config.json"), os.path.join(out_folder, "config.json"))
     return args
 
 
 def dcp_to_hf(spec: ModelSpec, dcp_folder: str, out_folder: str, flavor: str, dtype: torch.dtype | None = None):
-    """Weights of a model-only export or of a full training checkpoint (its model part)."""
-    args = spec.flavors[flavor]
+    """Weights of a model-only export or of a full training checkpoint (its model part). A DCP folder
+    written by hf_to_dcp holds its source's config.json: the flavor is checked against it and its
+    token ids are written back; otherwise the flavor's own are."""
+    if os.path.isfile(os.path.join(dcp_folder, "config.json")):
+        args = args_for_hf_folder(spec, dcp_folder, flavor)
+    else:
+        args = spec.flavors[flavor]
     spec.hf_adapter.hf_config(args)  # fail before loading when the flavor has no HF layout
     model = empty_model(spec, args)
     dcp.load({"model": ModelState(model)}, checkpoint_id=dcp_folder)

@@ -81,8 +81,12 @@ def write_hf_folder(hf_state_dict: dict[str, torch.Tensor], config: dict, folder
         for key, t in shard.items():
             weight_map[key] = name
             total += t.numel() * t.element_size()
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    # safetensors writes its files 0600; give them the mode open() gave the index (0666 less the umask)
+    for name in set(weight_map.values()):
+        os.chmod(os.path.join(folder, name), os.stat(index).st_mode & 0o777)
     dtypes = {t.dtype for shard in shards for t in shard.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         config = {**config, "torch_dtype": str(dtypes.pop()).removeprefix("torch.")}

@@ -6,6 +6,8 @@ from typing import Callable
 
 from torch import nn
 
+from titan_mm.config import ConfigError
+
 
 @dataclass
 class ModelSpec:
@@ -43,4 +45,4 @@ def get_model_spec(name: str) -> ModelSpec:
     if name == "qwen3_vl":
         from titan_mm.models.qwen3_vl import SPEC
         return SPEC
-    raise ValueError(f"unknown model.name {name!r}; available: ['llava', 'llama', 'qwen2_5_vl', 'qwen3_vl']")
+    raise ConfigError(f"unknown model.name {name!r}; available: ['llava', 'llama', 'qwen2_5_vl', 'qwen3_vl']")

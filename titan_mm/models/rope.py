@@ -22,10 +22,40 @@ class Llama3RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
-def rope_inv_freq(head_dim: int, theta: float, device=None,
-                  scaling: Llama3RopeScaling | None = None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    return inv_freq if scaling is None else _llama3_scaled(inv_freq, scaling)
+@dataclass(frozen=True)
+class YarnRopeScaling:
+    """YaRN ("rope_type": "yarn"; what Qwen's model cards add for inputs past the original context):
+    frequencies that turn more than beta_fast times over the original context are kept, those that
+    turn fewer than beta_slow times are divided by ``factor``, a linear ramp over the dimensions
+    between; cos and sin are multiplied by attention_factor. As transformers computes it."""
+
+    factor: float = 4.0
+    original_max_position_embeddings: int = 32768
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    """None = 0.1 ln(factor) + 1 (the YaRN paper's, and transformers' default)."""
+    truncate: bool = True
+    """Round the ramp's ends outwards to whole dimensions (transformers' default)."""
+
+
+RopeScaling = Llama3RopeScaling | YarnRopeScaling
+
+
+def rope_inv_freq(head_dim: int, theta: float, device=None, scaling: RopeScaling | None = None) -> torch.Tensor:
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    if isinstance(scaling, YarnRopeScaling):
+        return _yarn_scaled(pos_freqs, theta, head_dim, scaling)
+    return 1.0 / pos_freqs if scaling is None else _llama3_scaled(1.0 / pos_freqs, scaling)
+
+
+def rope_attention_scaling(scaling: RopeScaling | None) -> float:
+    """The factor on cos and sin (YaRN's attention temperature; 1 otherwise)."""
+    if not isinstance(scaling, YarnRopeScaling):
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    return 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, s: Llama3RopeScaling) -> torch.Tensor:
@@ -38,16 +68,38 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: Llama3RopeScaling) -> torch.Tensor
     return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
 
 
+def _yarn_scaled(pos_freqs: torch.Tensor, theta: float, head_dim: int, s: YarnRopeScaling) -> torch.Tensor:
+    """Dimension d keeps its frequency 1 / pos_freqs[d] below the ramp (many turns over the original
+    context), takes it divided by ``factor`` above it, and a linear blend across it."""
+    def dim_turning(turns: float) -> float:  # the dimension whose wavelength fits ``turns`` times
+        wavelength = s.original_max_position_embeddings / turns
+        return head_dim * math.log(wavelength / (2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_turning(s.beta_fast), dim_turning(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    dims = torch.arange(head_dim // 2, dtype=torch.float32, device=pos_freqs.device)
+    ramp = ((dims - low) / (high - low)).clamp(0, 1)
+    # written as transformers writes it, so the frequencies agree to the last bit
+    return 1.0 / (s.factor * pos_freqs) * ramp + 1.0 / pos_freqs * (1 - ramp)
+
+
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
                  mrope_section: tuple[int, ...] | None = None,
-                 mrope_interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, S, head_dim] in fp32 from position ids [B, S], or [B, 3, S] with mrope_section."""
+                 mrope_interleaved: bool = False, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, S, head_dim] in fp32 from position ids [B, S], or [B, 3, S] with mrope_section;
+    both multiplied by ``scale`` (rope_attention_scaling)."""
     freqs = position_ids[..., None].float() * inv_freq  # [B, S, hd/2] or [B, 3, S, hd/2]
     if mrope_section is not None:
         freqs = _mrope_interleaved(freqs, mrope_section) if mrope_interleaved else _mrope_sections(
             freqs, mrope_section)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    if scale == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def rope_2d_cos_sin(grid_NL3: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

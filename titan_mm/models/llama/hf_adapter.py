@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from titan_mm.hf.adapter import HFAdapter
 from titan_mm.models.llama.model import DecoderArgs, TextArgs
-from titan_mm.models.rope import Llama3RopeScaling
+from titan_mm.models.rope import Llama3RopeScaling, RopeScaling, YarnRopeScaling
 
 _ATTENTION = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "q_norm": "q_norm",
               "k_norm": "k_norm"}
@@ -51,7 +51,7 @@ def decoder_hf_config(d: DecoderArgs) -> dict:
         "num_key_value_heads": d.n_kv_heads, "head_dim": d.head_dim, "intermediate_size": d.ffn_hidden_dim,
         "vocab_size": d.vocab_size, "hidden_act": "silu", "rms_norm_eps": d.norm_eps,
         "rope_theta": d.rope_theta, "max_position_embeddings": d.max_position_embeddings,
-        "rope_scaling": None if d.rope_scaling is None else {"rope_type": "llama3", **asdict(d.rope_scaling)},
+        "rope_scaling": rope_scaling_to_hf(d.rope_scaling),
         "tie_word_embeddings": d.tie_embeddings,
     }
     if model_type != "qwen2":
@@ -79,21 +79,45 @@ def decoder_args_from_hf_config(c: dict) -> DecoderArgs:
         n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
         head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
         ffn_hidden_dim=c["intermediate_size"], vocab_size=c["vocab_size"], norm_eps=c["rms_norm_eps"],
-        rope_theta=float(rope["rope_theta"]), rope_scaling=_rope_scaling(rope),
+        rope_theta=float(rope["rope_theta"]),
+        rope_scaling=rope_scaling_from_hf(rope, c.get("max_position_embeddings", 4096)),
         max_position_embeddings=c.get("max_position_embeddings", 4096),
         qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
         tie_embeddings=c.get("tie_word_embeddings", False))
 
 
-def _rope_scaling(rope: dict) -> Llama3RopeScaling | None:
+def rope_scaling_from_hf(rope: dict, max_position_embeddings: int) -> RopeScaling | None:
+    """The scaling an HF rope_parameters / rope_scaling dict describes (old configs name the type
+    "type"; Qwen-VL's "mrope" is plain RoPE), or None; a kind titan_mm lacks is refused."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "default":
+    if rope_type in ("default", "mrope"):
         return None
-    if rope_type != "llama3":
-        raise ValueError(f"rope_type {rope_type!r} is not implemented; titan_mm supports default and llama3")
-    return Llama3RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
-                             high_freq_factor=rope["high_freq_factor"],
-                             original_max_position_embeddings=rope["original_max_position_embeddings"])
+    unsupported = [k for k in ("mscale", "mscale_all_dim") if rope.get(k)]
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        unsupported.append("partial_rotary_factor")
+    if unsupported:
+        raise ValueError(f"rope parameters {unsupported} are not implemented")
+    # transformers falls back to max_position_embeddings as the pretraining length
+    original = rope.get("original_max_position_embeddings") or max_position_embeddings
+    if rope_type == "llama3":
+        return Llama3RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                                 high_freq_factor=rope["high_freq_factor"],
+                                 original_max_position_embeddings=original)
+    if rope_type == "yarn":
+        return YarnRopeScaling(factor=rope["factor"], original_max_position_embeddings=original,
+                               beta_fast=rope.get("beta_fast") or 32.0, beta_slow=rope.get("beta_slow") or 1.0,
+                               attention_factor=rope.get("attention_factor"), truncate=rope.get("truncate", True))
+    raise ValueError(f"rope_type {rope_type!r} is not implemented; titan_mm supports default, llama3 and yarn")
+
+
+def rope_scaling_to_hf(scaling: RopeScaling | None) -> dict | None:
+    """The rope_scaling entry of config.json (transformers 4.x and 5.x both read it)."""
+    if scaling is None:
+        return None
+    if isinstance(scaling, Llama3RopeScaling):
+        return {"rope_type": "llama3", **asdict(scaling)}
+    fields = {k: v for k, v in asdict(scaling).items() if v is not None}
+    return {"rope_type": "yarn", **fields}
 
 
 class LlamaAdapter(HFAdapter):

@@ -15,7 +15,7 @@ from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
 from titan_mm.models.attention import attend, segment_mask
 from titan_mm.models.loss import linear_cross_entropy
-from titan_mm.models.rope import Llama3RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq
+from titan_mm.models.rope import RopeScaling, apply_rope, rope_attention_scaling, rope_cos_sin, rope_inv_freq
 from titan_mm.parallel.sequence import SequenceParallel
 
 
@@ -30,8 +30,8 @@ class DecoderArgs:
     vocab_size: int = 512
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: Llama3RopeScaling | None = None
-    """Llama 3.1+ long-context frequency scaling; None = plain RoPE."""
+    rope_scaling: RopeScaling | None = None
+    """Long-context frequency scaling: Llama 3.1's or YaRN; None = plain RoPE."""
     max_position_embeddings: int = 4096
     """Context length recorded in HF config.json; the model itself has no length limit."""
     qkv_bias: bool = False
@@ -168,7 +168,7 @@ class Decoder(nn.Module):
         if self.tok_embeddings is not None and not h_BSD.is_floating_point():
             h_BSD = self.tok_embeddings(h_BSD)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.mrope_section,
-                                self.args.mrope_interleaved)
+                                self.args.mrope_interleaved, rope_attention_scaling(self.args.rope_scaling))
         mask = segment_mask(document_ids_BS, causal=True, backend=self.args.attention_backend,
                             segment_lengths_BK=document_lengths, sp=self.sequence_parallel)
         for i, layer in enumerate(self.layers.values()):

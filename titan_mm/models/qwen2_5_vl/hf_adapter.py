@@ -7,7 +7,8 @@ the released checkpoint files, which transformers' save_pretrained also writes (
 ``model.layers.*``, ``lm_head``); transformers renames them to its module names when loading.
 """
 
-from titan_mm.hf.adapter import HFAdapter
+from titan_mm.hf.adapter import TOKEN_ID_FIELDS, HFAdapter
+from titan_mm.models.llama.hf_adapter import rope_scaling_from_hf, rope_scaling_to_hf
 from titan_mm.models.llama.model import DecoderArgs
 from titan_mm.models.qwen2_5_vl.model import Qwen2_5_VLArgs, VisionArgs
 
@@ -19,8 +20,6 @@ _HF_LM = "model.layers.{i}"
 
 
 class Qwen2_5_VLAdapter(HFAdapter):
-    """``hf_config`` records the placeholder token ids of the tokenizer the model is used with
-    (Qwen's by default); the model itself reads image_token_index, never these ids."""
 
     key_map = [
         (r"vision\.patch_embed\.weight", "visual.patch_embed.proj.weight"),
@@ -45,12 +44,6 @@ class Qwen2_5_VLAdapter(HFAdapter):
     ]
     fused_key_map = [(rf"{_VIT}\.attn\.(?P<part>q|k|v)_proj\.{_P}", _HF_VIT + ".attn.qkv.{p}", ("q", "k", "v"))]
 
-    def __init__(self, image_token_id: int = 151655, video_token_id: int = 151656,
-                 vision_start_token_id: int = 151652, vision_end_token_id: int = 151653):
-        self.token_ids = {"image_token_id": image_token_id, "video_token_id": video_token_id,
-                          "vision_start_token_id": vision_start_token_id,
-                          "vision_end_token_id": vision_end_token_id}
-
     def hf_config(self, args: Qwen2_5_VLArgs) -> dict:
         d, v = args.decoder, args.vision
         text = {
@@ -58,8 +51,8 @@ class Qwen2_5_VLAdapter(HFAdapter):
             "num_hidden_layers": d.n_layers, "num_attention_heads": d.n_heads,
             "num_key_value_heads": d.n_kv_heads, "vocab_size": d.vocab_size, "rms_norm_eps": d.norm_eps,
             "hidden_act": "silu", "max_position_embeddings": d.max_position_embeddings,
-            "rope_parameters": {"rope_type": "default", "rope_theta": d.rope_theta,
-                                "mrope_section": list(d.mrope_section)},
+            "rope_parameters": {"rope_type": "default", **(rope_scaling_to_hf(d.rope_scaling) or {}),
+                                "rope_theta": d.rope_theta, "mrope_section": list(d.mrope_section)},
         }
         vision = {
             "model_type": "qwen2_5_vl_vision", "depth": v.n_layers, "hidden_size": v.dim,
@@ -70,7 +63,7 @@ class Qwen2_5_VLAdapter(HFAdapter):
             "tokens_per_second": args.tokens_per_second, "hidden_act": "silu",
         }
         return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-                "tie_word_embeddings": d.tie_embeddings, **self.token_ids,
+                "tie_word_embeddings": d.tie_embeddings, **{k: getattr(args, k) for k in TOKEN_ID_FIELDS},
                 "text_config": text, "vision_config": vision}
 
     def args_from_hf_config(self, config: dict) -> Qwen2_5_VLArgs:
@@ -83,20 +76,24 @@ class Qwen2_5_VLAdapter(HFAdapter):
                                  f"Qwen2.5-VL uses silu")
         tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
         decoder = _decoder_args(text, tie)
+        token_ids = {k: config[k] for k in TOKEN_ID_FIELDS if k in config}
         return Qwen2_5_VLArgs(vision=_vision_args(vision, decoder.dim), decoder=decoder,
-                              tokens_per_second=vision.get("tokens_per_second", 4))  # HF's default
+                              tokens_per_second=vision.get("tokens_per_second", 4),  # HF's default
+                              **token_ids)
 
 
 def _decoder_args(text: dict, tie: bool) -> DecoderArgs:
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    max_positions = text.get("max_position_embeddings", 128000)
     return DecoderArgs(
         dim=text["hidden_size"], n_layers=text["num_hidden_layers"], n_heads=text["num_attention_heads"],
         n_kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
         head_dim=text["hidden_size"] // text["num_attention_heads"], ffn_hidden_dim=text["intermediate_size"],
         vocab_size=text["vocab_size"], norm_eps=text.get("rms_norm_eps", 1e-6),
         rope_theta=rope.get("rope_theta", text.get("rope_theta", 1e6)),
-        max_position_embeddings=text.get("max_position_embeddings", 128000), qkv_bias=True,
-        tie_embeddings=tie, mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))))
+        max_position_embeddings=max_positions, qkv_bias=True, tie_embeddings=tie,
+        rope_scaling=rope_scaling_from_hf(rope, max_positions),
+        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))))
 
 
 def _vision_args(vision: dict, decoder_dim: int) -> VisionArgs:

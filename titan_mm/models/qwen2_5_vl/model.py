@@ -73,6 +73,12 @@ class Qwen2_5_VLArgs:
     tokens_per_second: int = 2
     """M-RoPE temporal ids per second of video (a video's temporal patches are
     tokens_per_second * seconds_per_temporal_patch ids apart)."""
+    image_token_id: int = 151655
+    """Token ids recorded in HF config.json (Qwen's by default; a checkpoint's own are kept when it
+    is loaded); the model itself reads image_token_index."""
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
 
     @property
     def vision_input(self) -> VisionInputSpec:

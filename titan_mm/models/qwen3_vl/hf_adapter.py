@@ -1,8 +1,8 @@
 """HF checkpoints of Qwen3VLForConditionalGeneration <-> titan_mm's Qwen3VLModel, by renames, except
 the ViT's fused qkv, which is our q/k/v_proj concatenated."""
 
-from titan_mm.hf.adapter import HFAdapter
-from titan_mm.models.llama.hf_adapter import decoder_key_map
+from titan_mm.hf.adapter import TOKEN_ID_FIELDS, HFAdapter
+from titan_mm.models.llama.hf_adapter import decoder_key_map, rope_scaling_from_hf, rope_scaling_to_hf
 from titan_mm.models.llama.model import DecoderArgs
 from titan_mm.models.qwen3_vl.model import Qwen3VLArgs, VisionArgs
 
@@ -32,8 +32,8 @@ def _text_config(d: DecoderArgs) -> dict:
         "attention_bias": False, "tie_word_embeddings": d.tie_embeddings,
         # the hub's layout (rope_theta + rope_scaling), which transformers 4.57+ and 5.x both read
         "rope_theta": d.rope_theta,
-        "rope_scaling": {"rope_type": "default", "mrope_section": list(d.mrope_section),
-                         "mrope_interleaved": True},
+        "rope_scaling": {"rope_type": "default", **(rope_scaling_to_hf(d.rope_scaling) or {}),
+                         "mrope_section": list(d.mrope_section), "mrope_interleaved": True},
     }
 
 
@@ -54,8 +54,7 @@ def _decoder_args(c: dict) -> DecoderArgs:
     rope = c.get("rope_parameters") or {"rope_theta": c.get("rope_theta", 5_000_000.0),
                                         **(c.get("rope_scaling") or {})}
     unsupported = {"hidden_act": c.get("hidden_act", "silu") != "silu",
-                   "attention_bias": c.get("attention_bias", False),
-                   "rope_type": rope.get("rope_type", "default") != "default"}
+                   "attention_bias": c.get("attention_bias", False)}
     if any(unsupported.values()):
         raise ValueError(f"qwen3_vl text config sets {[k for k, v in unsupported.items() if v]}, which "
                          f"titan_mm's decoder does not implement")
@@ -65,6 +64,7 @@ def _decoder_args(c: dict) -> DecoderArgs:
         head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
         ffn_hidden_dim=c["intermediate_size"], vocab_size=c["vocab_size"], norm_eps=c["rms_norm_eps"],
         rope_theta=float(rope["rope_theta"]),
+        rope_scaling=rope_scaling_from_hf(rope, c.get("max_position_embeddings", 128000)),
         max_position_embeddings=c.get("max_position_embeddings", 128000),
         qk_norm=True, tie_embeddings=c.get("tie_word_embeddings", False),
         mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))), mrope_interleaved=True)
@@ -108,7 +108,7 @@ class Qwen3VLAdapter(HFAdapter):
         args = Qwen3VLArgs(vision=_vision_args(config["vision_config"]), decoder=_decoder_args(text))
         if config["vision_config"]["out_hidden_size"] != args.decoder.dim:
             raise ValueError("vision_config.out_hidden_size must equal text_config.hidden_size")
-        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        for key in TOKEN_ID_FIELDS:
             if key in config:
                 setattr(args, key, config[key])
         return args

@@ -10,14 +10,14 @@ from titan_mm.data.tokenizer import Tokenizer
 
 
 def temporal_patch_seconds(video: Image, temporal_patch_size: int) -> list[float]:
-    """Mean time of the first and last frame of each temporal patch, frames evenly spaced from 0.
-
-    (HF repeats the last frame of an odd frame count; its last timestamp is then half a frame
-    earlier than this one, which assumes the frame spacing throughout.)
-    """
-    frame_seconds = video.seconds_per_temporal_patch / temporal_patch_size
-    t = video.grid[0]
-    return [frame_seconds * (i * temporal_patch_size + (temporal_patch_size - 1) / 2) for i in range(t)]
+    """Mean time of the first and last sampled frame of each temporal patch; a last patch short of
+    frames repeats the last one (Qwen3VLProcessor._calculate_timestamps)."""
+    seconds = video.frame_seconds
+    if not seconds:
+        raise ValueError("a Qwen3-VL video needs the time of each frame (Image.frame_seconds)")
+    last = len(seconds) - 1
+    return [(seconds[min(start, last)] + seconds[min(start + temporal_patch_size - 1, last)]) / 2
+            for start in range(0, video.grid[0] * temporal_patch_size, temporal_patch_size)]
 
 
 def timestamped_video_tokens(tok: Tokenizer, video: Image, *, merge_area: int,
