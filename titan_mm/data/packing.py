@@ -13,7 +13,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 
-from titan_mm.data.documents import Document, SampleError
+from titan_mm.data.documents import DataError, Document, SampleError
 from titan_mm.data.sources import MAX_SKIPS_REPORTED, count_skip
 
 IGNORE_INDEX = -100
@@ -66,13 +66,27 @@ class BestFitPacker(IterableDataset, Stateful):
         self.skipped: list[str] = []
 
     def __iter__(self):
+        # the source's pass during which a document last went into a row (as if the current one)
+        placed_in_pass = self.source.epoch
         for ref, doc in self.source:
             if self._check_fits_a_row(doc):
+                placed_in_pass = self.source.epoch
                 row = self._place(ref, doc)
                 if row is not None:
                     yield row
+            elif self.source.epoch > placed_in_pass + 1:
+                raise self._nothing_fits()
         while self.bins:  # a finite source: flush what is left, fullest first
             yield self._emit(max(self.bins, key=lambda b: b.n_tokens))
+
+    def _nothing_fits(self) -> DataError:
+        """A whole pass over the source put no document into a row: the skips would go on forever."""
+        s = self.shape
+        return DataError(
+            f"no sample fits a row: a full pass over the data skipped every document ({dict(self.stats)}; "
+            f"e.g. {self.skipped[-1] if self.skipped else '-'}). Rows hold training.seq_len={s.seq_len} tokens "
+            f"and data.max_images_per_row={s.max_images} images of data.max_patches_per_image={s.max_patches} "
+            f"patches: raise those to fit the data")
 
     def _check_fits_a_row(self, doc: Document) -> bool:
         s = self.shape

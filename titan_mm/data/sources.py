@@ -17,7 +17,7 @@ from collections import Counter
 import torch
 from torch.utils.data import get_worker_info
 
-from titan_mm.data.documents import Document, DocumentBuilder, SampleError
+from titan_mm.data.documents import DataError, Document, DocumentBuilder, SampleError
 from titan_mm.data.formats import open_record_file
 from titan_mm.data.samples import SampleDecoder
 
@@ -147,7 +147,7 @@ class StreamingSource:
                     produced += 1
                     yield item
             if produced == 0 and full_pass:
-                raise ValueError(f"{self.path}: every sample of this rank's shard was skipped or the "
+                raise DataError(f"{self.path}: every sample of this rank's shard was skipped or the "
                                  f"shard is empty ({dict(self.stats)}); check data.dataset={self.kind!r}, "
                                  f"the files, and that there are more samples than dp ranks x workers")
             self.epoch, self.unit_pos, self.walked, self.draws = self.epoch + 1, 0, 0, 0
@@ -211,6 +211,9 @@ class StreamingSource:
 class ListSource:
     """A finite, in-order source over ready-made documents (evaluation and tests)."""
 
+    epoch = 0
+    """Full passes made (a ListSource makes one)."""
+
     def __init__(self, docs: list[Document]):
         self.docs = docs
         self.stats: Counter = Counter()
@@ -252,6 +255,11 @@ class MixtureSource:
         self.draws = 0
         self.stats: Counter = Counter()
         self.skipped: list[str] = []
+
+    @property
+    def epoch(self) -> int:
+        """Full passes made over every source."""
+        return min(s.epoch for s in self.sources)
 
     def _draw(self) -> int:
         info = get_worker_info()
