@@ -108,7 +108,8 @@ def parse_drill_steps(spec: str) -> tuple[int, int] | None:
 def parameters_are_finite(model_parts: list[torch.nn.Module]) -> bool:
     """Whether every parameter of every rank is finite (one collective; for checkpoint time)."""
     local = [p.to_local() if isinstance(p, DTensor) else p for part in model_parts for p in part.parameters()]
-    ok = torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).all().float()
+    ok = torch.stack([torch.isfinite(t).all() for t in local]).all().float()  # every rank holds parameters
     if dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
