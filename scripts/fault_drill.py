@@ -160,8 +160,7 @@ class Drill:
 
     def kill_9(self, repeat: int):
         reference = self.reference()
-        for i in range(repeat):
-            step = self.rng.randint(2, self.steps - 1)
+        for i, step in enumerate(sorted(self.rng.sample(range(2, self.steps), repeat))):
             dump = self.folder(f"kill9-{i}")
             code, log = run(train_cmd(dump, self.steps), on_step=self.stop_at(step, signal.SIGKILL))
             good, cut = newest_good(dump), partials(dump)
@@ -187,7 +186,7 @@ class Drill:
         good = newest_good(dump)
         files = sorted(read_manifest(os.path.join(dump, "checkpoint", f"step-{good}"))["files"]) if good else []
         row = self.resume_and_check(dump, last_step(log), good, reference, cmd=launch(dump), env=env)
-        row.fault = f"SIGTERM to torchrun at step {step} (2 ranks)"
+        row.fault = f"SIGTERM to torchrun after step {step} (2 ranks)"
         row.happened = f"{preempted} (files {', '.join(files)}); torchrun exit {code}; rerun resumed"
         row.exit_codes = f"{code}, then {row.exit_codes}"
         self.rows.append(row)
@@ -210,7 +209,7 @@ class Drill:
         good = newest_good(dump)
         requeue = open(requeued).read().split() if os.path.exists(requeued) else []
         row = self.resume_and_check(dump, last_step(log), good, reference, cmd=cmd, env=env)
-        row.fault = f"SIGUSR1 to slurm.sbatch at step {step} (time limit)"
+        row.fault = f"SIGUSR1 to slurm.sbatch after step {step} (the time-limit signal)"
         row.happened = (f"saved step-{good}, sbatch exit {code}, `scontrol {' '.join(requeue) or '(not called)'}`; "
                         f"the requeued job resumed")
         row.exit_codes = f"{code}, then {row.exit_codes}"
@@ -250,9 +249,9 @@ class Drill:
             damage(folder, how)
             good = newest_good(dump)
             code, log = run(train_cmd(dump, self.steps))
-            report = message(log, r"checkpoint step-\d+ \(\S+\) is damaged: [^;]+")
+            report = re.sub(r" \(\S+\)", "", message(log, r"checkpoint step-\d+ \(\S+\) is damaged: [^;]+"), count=1)
             row = Row(f"{how} __0_0.distcp in the newest checkpoint (step-{newest})",
-                      report.replace(os.path.join(dump, "checkpoint") + "/", "") + "; fell back", str(code),
+                      report + "; fell back to the one before", str(code),
                       resumed_from(log), str(newest - int(resumed_from(log))), record(dump, reference),
                       "no" if resumed_from(log) == str(good) else f"yes (step-{good} was good)")
             self.rows.append(row)

@@ -215,6 +215,25 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_on_every_rank(tmp_path):
     assert resumed == pytest.approx(straight, rel=1e-6)
 
 
+def test_every_save_copies_into_the_host_buffers_of_the_first(tmp_path):
+    """An async save on a GPU copies the state into the pinned host buffers of the first save
+    (FileSystemWriter(cache_staged_state_dict=True)), which needs the same structure every time,
+    though the data position (open rows, buffered records) changes from step to step. Checked with
+    DCP's staging helpers on CPU (pinned memory needs a GPU)."""
+    from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
+    trainer = config_and_build(tmp_path, "--checkpoint.enable", "false", "--training.steps", "4")
+    data = iter(trainer.dataloader)
+    cache = None
+    for step in range(1, 4):
+        trainer.train_state.step = step
+        trainer.train_step(data)
+        staged = _stateful_to_state_dict(trainer.checkpointer.states)
+        if cache is None:
+            cache = _create_cpu_state_dict(staged)
+        _copy_state_dict(staged, cache)  # raises CompanionMismatch if the structure changed
+
+
 # --- damaged checkpoints ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

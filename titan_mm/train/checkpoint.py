@@ -11,6 +11,7 @@ family's HF adapter, a run can also start from an HF folder and write one at its
 import errno
 import logging
 import os
+import pickle
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -124,16 +125,18 @@ class LRSchedulerState(Stateful):
 
 
 class RankLocalState(Stateful):
-    """State of one data-parallel rank (dataloader position, RNG) stored under a rank-specific key."""
+    """State of one data-parallel rank (dataloader position, RNG) stored under a rank-specific key,
+    as one pickled blob: its structure (open packer rows, buffered records, skip counts) changes
+    from save to save, and an async save copies the state into the same host buffers every time."""
 
     def __init__(self, get, set_):
         self.get, self.set = get, set_
 
     def state_dict(self):
-        return self.get()
+        return {"state": pickle.dumps(self.get())}
 
     def load_state_dict(self, state_dict):
-        self.set(state_dict)
+        self.set(pickle.loads(state_dict["state"]))
 
 
 def rng_state() -> dict:
