@@ -17,8 +17,10 @@ from torch.distributed.tensor import DTensor
 
 from titan_mm.config import ConfigError, JobConfig, parse_args, to_toml
 from titan_mm.data.batch import BatchShape
-from titan_mm.data.dataloader import build_dataloader
+from titan_mm.data.dataloader import build_dataloader, data_states
+from titan_mm.data.documents import DataError
 from titan_mm.data.packing import IGNORE_INDEX
+from titan_mm.data.plan import log_expected_padding
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.models.attention import resolve_backend
@@ -27,7 +29,6 @@ from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
 from titan_mm.parallel.pipeline import (build_pipeline_schedule, check_pipeline, microbatch_image_token_index,
                                         pipeline_microbatches, split_stage, stage_indices)
 from titan_mm.parallel.sequence import check_sequence_parallel, sequence_parallel_group, shard_batch
-from titan_mm.data.documents import DataError
 from titan_mm.train.checkpoint import CheckpointError, CheckpointManager, checkpoint_folder
 from titan_mm.train.cuda_graph import StepGraph
 from titan_mm.train.loss import loss_parallel_context, loss_sum
@@ -35,6 +36,7 @@ from titan_mm.train.lr_scheduler import build_lr_scheduler
 from titan_mm.train.metrics import LossHistory, MetricsLogger, device_peak_tflops
 from titan_mm.train.nonfinite import NonFiniteError, NonFiniteGuard, parameters_are_finite
 from titan_mm.train.optimizer import build_optimizer
+from titan_mm.train.prefetch import DevicePrefetcher
 from titan_mm.train.preemption import PreemptionHandler
 from titan_mm.train.resume import TrainingComplete, job_fingerprint, plan_resume
 
@@ -96,7 +98,7 @@ class Trainer:
             rows_per_forward //= pipeline_microbatches(p, cfg.training.local_batch_size)
         backend = resolve_backend(cfg.model.attention_backend, self.device.type)
         check_sequence_parallel(self.parallel_dims, self.model_args.decoder, cfg.training.seq_len,
-                                rows_per_forward * cfg.data.max_images_per_row, backend)
+                                rows_per_forward * cfg.data.image_slots_per_row, backend)
         self.model_args = with_attention_backend(self.model_args, backend)
         self.model_inputs = tuple(k for k in MODEL_INPUTS if backend == "varlen" or k not in LENGTHS)
         check_cuda_graph(cfg, self.device, self.world_size, backend)
@@ -143,15 +145,22 @@ class Trainer:
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, self.model_args.vision_input, seq_len=cfg.training.seq_len,
             batch_size=cfg.training.local_batch_size, dp_rank=dp_rank,
-            dp_world=self.parallel_dims.dp_degree, seed=cfg.job.seed)
+            dp_world=self.parallel_dims.dp_degree, seed=cfg.job.seed, pin_memory=self.device.type == "cuda")
+        if self.rank == 0 and cfg.data.plan_samples:
+            log_expected_padding(cfg.data, self.tokenizer, self.model_args.vision_input,
+                                 seq_len=cfg.training.seq_len, seed=cfg.job.seed)
+        # on a GPU the next step's batches are read and copied while the current step computes
+        self.batches = DevicePrefetcher(
+            self.dataloader, self.device, cfg.training.gradient_accumulation_steps, self.prepare_batch,
+            data_states(self.dataloader, dp_rank), read_ahead=self.device.type == "cuda")
         self.train_state = TrainState()
         self.losses: list[torch.Tensor] = []
         """Global loss of each step trained by this process (device tensors, read at checkpoints)."""
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, cfg.job.dump_folder, model_parts=self.model_parts, optimizers=self.optimizers,
-            lr_schedulers=self.lr_schedulers, dataloader=self.dataloader, train_state=self.train_state,
-            rank=self.rank, dp_rank=dp_rank, job=self.job, group=self.checkpoint_group,
-            hf_adapter=spec.hf_adapter, model_args=self.model_args)
+            lr_schedulers=self.lr_schedulers, data_states=self.batches.checkpoint_states(),
+            train_state=self.train_state, rank=self.rank, dp_rank=dp_rank, job=self.job,
+            group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args)
         self.checkpointer.load(self.resume_step)
         self.nonfinite.start_at(self.train_state.step, self.train_state.nonfinite_skips)
         self.loss_history = LossHistory(os.path.join(cfg.job.dump_folder, "losses.json"), self.train_state.step)
@@ -201,12 +210,11 @@ class Trainer:
                     "%d data-parallel ranks, %s compute", cfg.steps, self.train_state.step,
                     cfg.local_batch_size, cfg.seq_len, cfg.gradient_accumulation_steps,
                     self.parallel_dims.dp_degree, str(self.compute_dtype).removeprefix("torch."))
-        data_iter = iter(self.dataloader)
         self.preemption.install()
         try:
             while self.train_state.step < cfg.steps:
                 self.train_state.step += 1
-                self.train_step(data_iter)
+                self.train_step()
                 if self.end_of_step():
                     break
         finally:
@@ -248,18 +256,26 @@ class Trainer:
                                  f"gradient norm were finite (an update overflowed); not checkpointed. Resume "
                                  f"from the latest checkpoint with a lower optimizer.lr")
 
-    def train_step(self, data_iter):
-        cfg = self.cfg.training
-        microbatches = [next(data_iter) for _ in range(cfg.gradient_accumulation_steps)]
-        shapes = [BatchShape.of(mb) for mb in microbatches]
+    def prepare_batch(self, mb: dict) -> dict:
+        """Host work on a loader batch before it goes to the device: its facts for throughput and
+        MFU (of whole rows), then this rank's share of each row under CP / Ulysses."""
+        shape = BatchShape.of(mb)
         if self.sequence_parallel is not None:
-            microbatches = [shard_batch(mb, self.sequence_parallel) for mb in microbatches]
+            mb = shard_batch(mb, self.sequence_parallel)
+        return {**mb, "shape": shape}
+
+    def train_step(self):
+        cfg = self.cfg.training
+        microbatches, data_wait_s = self.batches.next_step()
+        shapes = [mb["shape"] for mb in microbatches]
         if self.step_graph is not None:
             inputs = [{k: mb[k] for k in (*self.model_inputs, "labels")} for mb in microbatches]
             # the graph's outputs are rewritten by the next replay
             loss, grad_norm = (t.clone() for t in self.step_graph(inputs))
         else:
             loss, grad_norm = self.device_step(microbatches)  # the global loss
+        if self.train_state.step < cfg.steps:
+            self.batches.prefetch()  # while the device works through the step just launched
         for lr_scheduler in self.lr_schedulers:
             lr_scheduler.step()
 
@@ -272,7 +288,8 @@ class Trainer:
         share = self.parallel_dims.ranks_per_batch
         flops = sum(self.training_flops(self.model_args, s) for s in shapes) / share
         self.metrics.record_step(tokens=sum(s.tokens for s in shapes) / share, flops=flops,
-                                 data_stats=data_stats, skipped=[ref for mb in microbatches for ref in mb["skipped"]])
+                                 data_stats=data_stats, skipped=[ref for mb in microbatches for ref in mb["skipped"]],
+                                 data_wait_s=data_wait_s)
         self.losses.append(loss)
         if self.metrics.should_log(step):
             skipped_steps = self.nonfinite.poll()  # the log line's device read; raises if the run must stop

@@ -104,8 +104,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--max-pixels", type=int, default=448 * 448)
-    p.add_argument("--max-patches", type=int, default=1024)
-    p.add_argument("--max-images-per-row", type=int, default=16)
+    p.add_argument("--patches-per-slot", type=int, default=1024)
+    p.add_argument("--image-slots-per-row", type=int, default=16)
     p.add_argument("--video-fps", type=float, default=2.0)
     p.add_argument("--video-max-frames", type=int, default=16)
     p.add_argument("--model", default="qwen2_5_vl")
@@ -131,7 +131,7 @@ def main():
         print("|---:|---:|---:|---:|")
         for workers in [int(w) for w in args.workers.split(",")]:
             cfg = Data(dataset=kind, path=path, num_workers=workers, max_pixels=args.max_pixels,
-                       max_patches_per_image=args.max_patches, max_images_per_row=args.max_images_per_row,
+                       patches_per_slot=args.patches_per_slot, image_slots_per_row=args.image_slots_per_row,
                        video_fps=args.video_fps, video_max_frames=args.video_max_frames)
             samples, tokens, seconds = measure(cfg, tok, spec, args)
             print(f"| {workers} | {samples:.1f} | {tokens:.0f} | {seconds:.2f} |", flush=True)

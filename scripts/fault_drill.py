@@ -34,7 +34,7 @@ from titan_mm.train.manifest import read_manifest, saved_steps  # noqa: E402
 from titan_mm.train.resume import checkpoint_problems  # noqa: E402
 
 CONFIG = "train_configs/debug_vlm.toml"
-SMALL = ["--training.seq_len", "128", "--data.max_images_per_row", "4", "--metrics.log_freq", "1",
+SMALL = ["--training.seq_len", "128", "--data.image_slots_per_row", "4", "--metrics.log_freq", "1",
          "--checkpoint.interval", "3", "--checkpoint.keep_latest_k", "2", "--checkpoint.export_model_only", "false"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 STEP_LINE = re.compile(r"step\s+(\d+)/(\d+)")

@@ -13,7 +13,7 @@ STEPS=${1:-20}
 NGPU=${2:-8}
 PYTHON=${PYTHON:-python3}
 export NCCL_NVLS_ENABLE=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-common=(--training.mixed_precision fp32 --training.seq_len 256 --data.max_images_per_row 10 --data.num_shards 2
+common=(--training.mixed_precision fp32 --training.seq_len 256 --data.image_slots_per_row 10 --data.num_shards 2
         --metrics.log_freq 1)
 fsdp_tp=(--parallelism.data_parallel_shard_degree 2 --parallelism.tensor_parallel_degree 2)
 status=0

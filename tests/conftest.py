@@ -28,6 +28,6 @@ def train_losses(cfg) -> list[float]:
 @pytest.fixture
 def tiny_cfg(tmp_path):
     def build(*overrides):
-        return make_config(tmp_path, "--training.seq_len", "256", "--data.max_images_per_row", "10",
+        return make_config(tmp_path, "--training.seq_len", "256", "--data.image_slots_per_row", "10",
                            "--metrics.log_freq", "5", *overrides)
     return build

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_config, train_losses
 
-SMALL = ["--training.seq_len", "256", "--data.max_images_per_row", "10", "--checkpoint.enable", "false",
+SMALL = ["--training.seq_len", "256", "--data.image_slots_per_row", "10", "--checkpoint.enable", "false",
          "--metrics.log_freq", "5"]
 QWEN3_VL = ["--job.config_file", "train_configs/qwen3_vl_debug.toml"]
 MODES = {

@@ -259,7 +259,7 @@ def test_only_assistant_content_and_its_end_token_are_trained(chat_format, end, 
 def test_multi_turn_labels_are_the_next_assistant_tokens(qwen_tok):
     """In a packed row, labels are set exactly before trained tokens, 2 assistant turns here."""
     doc = builder(qwen_tok, "qwen2_vl").chat("x", CASES["system_multi_turn_images_anywhere"], DATA)
-    shape = RowShape(seq_len=len(doc.tokens) + 8, max_images=4, max_patches=64, patch_dim=SPEC.patch_dim,
+    shape = RowShape(seq_len=len(doc.tokens) + 8, image_slots=4, patches_per_slot=64, patch_dim=SPEC.patch_dim,
                      merge_area=SPEC.merge_area, pad_id=qwen_tok.pad_id, media_token_ids=(qwen_tok.image_id,))
     row = build_row([doc], shape)
     n = len(doc.tokens)
@@ -405,7 +405,7 @@ def test_debug_model_trains_on_bundled_chats_with_falling_loss(tmp_path):
     cfg = parse_args(["--job.config_file", "train_configs/debug_vlm_chat.toml", "--job.dump_folder",
                       str(tmp_path / "run"), "--metrics.enable_tensorboard", "false", "--checkpoint.enable",
                       "false", "--training.steps", "12", "--training.seq_len", "256",
-                      "--data.max_images_per_row", "10", "--lr_scheduler.warmup_steps", "2"])[0]
+                      "--data.image_slots_per_row", "10", "--lr_scheduler.warmup_steps", "2"])[0]
     trainer = train.Trainer(cfg)
     trainer.train()
     losses = [loss.item() for loss in trainer.losses]
@@ -424,6 +424,6 @@ def test_an_hf_qwen_tokenizer_folder_works_as_it_is(qwen_folder):
     from titan_mm.config import Data
     from titan_mm.data.dataloader import build_document_builder
     from titan_mm.models.llava import FLAVORS
-    doc = build_document_builder(Data(max_pixels=4096, max_patches_per_image=64), tok,
+    doc = build_document_builder(Data(max_pixels=4096, patches_per_slot=64), tok,
                                  FLAVORS["debug"].vision_input).caption("c", "assets/sample_data/images/00000.png", "hi")
     assert doc.tokens[0] == tok.image_start_id and doc.tokens[-1] == tok.eos_id

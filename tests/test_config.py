@@ -14,7 +14,7 @@ def test_toml_and_overrides_merge():
     cfg, _ = parse_args(["--job.config_file", DEBUG, "--training.steps", "7", "--optimizer.lr=0.01",
                          "--checkpoint.enable", "false"])
     assert cfg.training.steps == 7 and cfg.optimizer.lr == 0.01 and cfg.checkpoint.enable is False
-    assert cfg.data.max_patches_per_image == 64  # from the TOML file
+    assert cfg.data.patches_per_slot == 64  # from the TOML file
 
 
 def test_unknown_key_in_file_names_key_and_file(tmp_path):
@@ -29,6 +29,19 @@ def test_unknown_section_and_override():
         parse_args(["--trainin.steps", "3"])
     with pytest.raises(ConfigError, match=r"unknown config key 'model.flavour'.*command line"):
         parse_args(["--model.flavour", "x"])
+
+
+@pytest.mark.parametrize("old,new", [("max_images_per_row", "image_slots_per_row"),
+                                     ("max_patches_per_image", "patches_per_slot")])
+def test_renamed_data_keys_name_their_new_key(tmp_path, old, new):
+    """The image budget keys of earlier versions, in a file or on the command line, stop the run
+    with a message that names the key to use instead."""
+    old_file = tmp_path / "old.toml"
+    old_file.write_text(f"[data]\n{old} = 8\n")
+    with pytest.raises(ConfigError, match=rf"data.{old} \(.*old.toml\) is now data.{new}.*rename it"):
+        parse_args(["--job.config_file", str(old_file)])
+    with pytest.raises(ConfigError, match=rf"data.{old} \(command line\) is now data.{new}"):
+        parse_args([f"--data.{old}", "8"])
 
 
 @pytest.mark.parametrize("arg,value,message", [

@@ -13,7 +13,7 @@ from titan_mm.config import ConfigError
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 QWEN3_VL = ["--job.config_file", "train_configs/qwen3_vl_debug.toml", "--compile.enable", "true",
-            "--model.attention_backend", "flex", "--training.seq_len", "512", "--data.max_images_per_row", "8",
+            "--model.attention_backend", "flex", "--training.seq_len", "512", "--data.image_slots_per_row", "8",
             "--metrics.log_freq", "100", "--lr_scheduler.warmup_steps", "3"]
 
 
@@ -77,11 +77,10 @@ def test_a_non_finite_step_inside_the_cuda_graph_leaves_the_state_bit_identical(
     monkeypatch.setenv(DRILL_NAN_STEPS, "5")
     trainer = train.Trainer(graph_cfg(tmp_path, "--training.steps", "6", "--compile.cuda_graph", "true",
                                       "--checkpoint.enable", "false"))
-    data = iter(trainer.dataloader)
 
     def step():
         trainer.train_state.step += 1
-        trainer.train_step(data)
+        trainer.train_step()
 
     for _ in range(4):
         step()

@@ -27,7 +27,7 @@ def tokenizer():
 
 
 def data_cfg(**kw) -> Data:
-    base = dict(max_images_per_row=20, max_patches_per_image=64, min_pixels=1024, max_pixels=4096)
+    base = dict(image_slots_per_row=20, patches_per_slot=64, min_pixels=1024, max_pixels=4096)
     base.update(kw)
     return Data(**base)
 
@@ -87,13 +87,16 @@ def test_packing_wastes_under_5_percent_of_token_slots(tokenizer):
 
 def test_packed_rows_respect_budgets_and_restart_positions(tokenizer):
     batch = next(iter(loader(tokenizer, path=f"{DATA}/interleaved.jsonl", dataset="interleaved",
-                             max_images_per_row=6)))
+                             image_slots_per_row=6)))
     ids, pos, doc = batch["input_ids"][0], batch["position_ids"][0], batch["document_ids"][0]
     starts = (pos == 0) & (doc >= 0)
     assert starts.sum() == doc.max() + 1  # one position restart per document
     assert (ids[starts] == tokenizer.bos_id).all()
-    valid_images = (batch["grid_thw"][..., 0] >= 0).any(dim=1).sum()
-    assert (ids == tokenizer.image_start_id).sum() == valid_images <= 6
+    # every image is one visual item, laid out from its (0, 0, 0) patch, several to a slot
+    grid = batch["grid_thw"]
+    n_images = ((grid[..., 0] == 0) & (grid[..., 1] == 0) & (grid[..., 2] == 0)).sum()
+    assert (ids == tokenizer.image_start_id).sum() == n_images > 0
+    assert (ids == tokenizer.image_id).sum() * SPEC.merge_area == (grid[..., 0] >= 0).sum()
     # labels are the next token inside a document, never across a document boundary
     labels = batch["labels"][0]
     for i in torch.nonzero(labels != IGNORE_INDEX)[:, 0].tolist():
@@ -193,7 +196,7 @@ def test_a_row_too_short_for_every_sample_stops_with_a_message_instead_of_spinni
 
 
 def test_image_budget_that_cannot_fit_is_a_clear_error(tokenizer):
-    with pytest.raises(ValueError, match="raise max_patches_per_image to 256"):
+    with pytest.raises(ValueError, match="raise patches_per_slot to 256"):
         loader(tokenizer, max_pixels=128 * 128)
 
 

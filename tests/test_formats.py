@@ -41,7 +41,7 @@ def captions():
 
 
 def data_cfg(**kw) -> Data:
-    base = dict(max_images_per_row=20, max_patches_per_image=64, min_pixels=1024, max_pixels=4096)
+    base = dict(image_slots_per_row=20, patches_per_slot=64, min_pixels=1024, max_pixels=4096)
     base.update(kw)
     return Data(**base)
 
@@ -349,7 +349,7 @@ def test_run_with_five_percent_corrupted_samples_finishes_and_counts_each(captio
     write_jsonl(tmp_path / "train.jsonl", rows)
 
     args = ["--data.path", str(tmp_path / "train.jsonl"), "--data.shuffle", "false",
-            "--training.seq_len", "256", "--data.max_images_per_row", "10", "--data.pack_open_bins", "4",
+            "--training.seq_len", "256", "--data.image_slots_per_row", "10", "--data.pack_open_bins", "4",
             "--metrics.log_freq", "5",
             "--checkpoint.enable", "false"]
     # steps: the first batch made after the source began its second epoch

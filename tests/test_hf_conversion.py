@@ -194,7 +194,7 @@ def test_fsdp_ranks_load_and_export_an_hf_folder(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
          "train.py", "--job.config_file", "train_configs/llava_siglip2_debug.toml",
          "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "1", "--training.seq_len", "128",
-         "--data.max_images_per_row", "2", "--optimizer.lr", "1e-12", "--checkpoint.enable", "false",
+         "--data.image_slots_per_row", "2", "--optimizer.lr", "1e-12", "--checkpoint.enable", "false",
          "--metrics.enable_tensorboard", "false", "--checkpoint.initial_load_hf_path", str(tmp_path / "src"),
          "--checkpoint.export_hf_path", str(tmp_path / "out"), "--checkpoint.export_hf_dtype", "fp32"],
         capture_output=True, text=True, timeout=600)

@@ -125,7 +125,7 @@ def test_debug_siglip2_loss_falls_in_100_steps(tmp_path):
     """train_configs/llava_siglip2_debug.toml for 100 steps on CPU (seq_len 192, 3 image slots):
     the mean loss of the last 10 steps is below half of the first step's (measured: 6.3 -> 0.6)."""
     cfg = make_config(tmp_path, "--job.config_file", "train_configs/llava_siglip2_debug.toml",
-                      "--training.steps", "100", "--training.seq_len", "192", "--data.max_images_per_row", "3",
+                      "--training.steps", "100", "--training.seq_len", "192", "--data.image_slots_per_row", "3",
                       "--checkpoint.enable", "false")
     losses = train_losses(cfg)
     print(f"loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f}")

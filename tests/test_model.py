@@ -44,7 +44,7 @@ def doc_with(images: list[Image], text: list[int], seed: int) -> Document:
     return Document("t", tokens + [1], targets + [True], images)
 
 
-SHAPE = RowShape(seq_len=160, max_images=4, max_patches=64, patch_dim=SPEC.patch_dim,
+SHAPE = RowShape(seq_len=160, image_slots=4, patches_per_slot=64, patch_dim=SPEC.patch_dim,
                  merge_area=SPEC.merge_area, pad_id=PAD_ID, media_token_ids=(IMAGE_ID,))
 
 
@@ -55,9 +55,9 @@ def test_each_image_embedding_lands_exactly_at_its_own_tokens():
                       doc_with([], [7] * 5, 1)], SHAPE)
     row1 = build_row([doc_with([random_image(2, 2, 2)], [7] * 2, 2),
                       doc_with([random_image(6, 4, 3), random_image(2, 6, 4)], [7], 3)], SHAPE)
-    batch = collate_rows([row0, row1], SHAPE.max_patches // SHAPE.merge_area)
+    batch = collate_rows([row0, row1], SHAPE.patches_per_slot // SHAPE.merge_area)
     assert (batch["grid_thw"][3, :, 0] == -1).all()  # row 0's last slot is all padding
-    Lm = SHAPE.max_patches // SHAPE.merge_area
+    Lm = SHAPE.patches_per_slot // SHAPE.merge_area
     # distinct embedding per (image slot, merged patch): slot * 1000 + patch index
     embeds = (torch.arange(8)[:, None] * 1000 + torch.arange(Lm)[None]).float().view(-1, 1).expand(-1, 8)
     h = torch.full((2, 160, 8), -7.0)
@@ -104,7 +104,7 @@ def test_changing_one_document_leaves_the_others_logits_unchanged():
 
 
 def run(model, docs):
-    batch = collate_rows([build_row(docs, SHAPE)], SHAPE.max_patches // SHAPE.merge_area)
+    batch = collate_rows([build_row(docs, SHAPE)], SHAPE.patches_per_slot // SHAPE.merge_area)
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "document_ids", "pixel_values",
                                     "grid_thw", "image_token_index")}
     return model(**inputs), batch
@@ -116,7 +116,7 @@ def test_forward_has_no_host_syncs():
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     model = build_model()
     batch = collate_rows([build_row([doc_with([random_image(2, 4, 0)], [7] * 6, 0)], SHAPE)],
-                         SHAPE.max_patches // SHAPE.merge_area)
+                         SHAPE.patches_per_slot // SHAPE.merge_area)
     with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) as mode:
         inputs = {k: mode.from_tensor(batch[k]) for k in ("input_ids", "position_ids", "document_ids",
                                                          "pixel_values", "grid_thw", "image_token_index")}

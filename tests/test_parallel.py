@@ -11,8 +11,9 @@ import pytest
 from conftest import make_config
 from titan_mm.data.dataloader import build_dataloader
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
+from titan_mm.train.prefetch import DevicePrefetcher
 
-SMALL = ["--training.seq_len", "256", "--data.max_images_per_row", "10", "--checkpoint.enable", "false",
+SMALL = ["--training.seq_len", "256", "--data.image_slots_per_row", "10", "--checkpoint.enable", "false",
          "--metrics.enable_tensorboard", "false", "--metrics.log_freq", "1"]
 
 
@@ -82,10 +83,11 @@ def single_process_losses(tmp_path, dp_world: int, steps: int, seed: str, *overr
             for it in loaders:
                 yield next(it)
 
-    data = interleaved()
+    trainer.batches = DevicePrefetcher(interleaved(), trainer.device, dp_world, trainer.prepare_batch,
+                                       states={}, read_ahead=False)
     for _ in range(steps):
         trainer.train_state.step += 1
-        trainer.train_step(data)
+        trainer.train_step()
     return [loss.item() for loss in trainer.losses]
 
 
@@ -152,23 +154,23 @@ def test_impossible_tensor_parallel_degree_fails_before_compute(tmp_path):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_qwen_vl_tensor_parallel_sizes_cover_decoder_vit_and_patch_axis(tmp_path, family):
     """Everything TP splits is checked up front: the ViT's heads and MLP and its sequence L
-    (data.max_patches_per_image) besides the decoder's sizes; a bad degree names the valid ones."""
+    (data.patches_per_slot) besides the decoder's sizes; a bad degree names the valid ones."""
     import train
     from titan_mm.models import get_model_spec
     spec = get_model_spec(family)
     args = spec.flavors["debug"]
     cfg = make_config(tmp_path, "--job.config_file", f"train_configs/{family}_debug.toml",
-                      "--data.max_patches_per_image", "36")
+                      "--data.patches_per_slot", "36")
     sizes = spec.tensor_parallel_sizes(args, cfg)
     assert sizes == {"decoder n_heads": 4, "decoder n_kv_heads": 2, "decoder ffn_hidden_dim": 768,
                      "decoder vocab_size": 512, "training.seq_len": 512, "vision n_heads": 4,
-                     "vision ffn_hidden_dim": args.vision.ffn_hidden_dim, "data.max_patches_per_image": 36}
+                     "vision ffn_hidden_dim": args.vision.ffn_hidden_dim, "data.patches_per_slot": 36}
     dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=8, pp=1, ulysses=1, world_size=8)
     with pytest.raises(ParallelismError, match=r"tp degree 8 does not divide decoder n_heads = 4; "
                                                r"choose tp in \[1, 2, 4\]"):
         train.check_tensor_parallel(dims, spec, args, cfg)
-    with pytest.raises(ParallelismError, match=r"tp degree 8 does not divide data.max_patches_per_image = 36"):
-        dims.check_divisible("data.max_patches_per_image", sizes["data.max_patches_per_image"], "tp")
+    with pytest.raises(ParallelismError, match=r"tp degree 8 does not divide data.patches_per_slot = 36"):
+        dims.check_divisible("data.patches_per_slot", sizes["data.patches_per_slot"], "tp")
 
 
 def test_checkpoint_saved_under_fsdp4_resumes_under_hsdp_2x2(tmp_path):

@@ -194,11 +194,11 @@ def test_image_slots_must_split_over_the_sequence_parallel_ranks_per_microbatch(
     the rule before the model is built."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "train.py",
            "--job.config_file", "train_configs/debug_vlm.toml", "--job.dump_folder", str(tmp_path / "run"),
-           *SMALL, *LLAVA, *PP2, *CP2, "--data.max_images_per_row", "5"]
+           *SMALL, *LLAVA, *PP2, *CP2, "--data.image_slots_per_row", "5"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     rule = ("the vision encoder splits the 5 image slots of each forward (training.local_batch_size / "
-            "pipeline_parallel_microbatches rows x data.max_images_per_row) over the 2 sequence-parallel "
+            "pipeline_parallel_microbatches rows x data.image_slots_per_row) over the 2 sequence-parallel "
             "ranks; make it a multiple of 2")
     assert rule in out.stderr, out.stderr[-3000:]
     assert re.search(r"exitcode\s*:\s*2", out.stderr), out.stderr[-3000:]

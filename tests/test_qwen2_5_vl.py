@@ -139,7 +139,7 @@ DOCS = {
 
 
 def batch_of(docs: list[Document]) -> dict:
-    shape = RowShape(seq_len=160, max_images=4, max_patches=MAX_PATCHES, patch_dim=SPEC_PATCH_DIM,
+    shape = RowShape(seq_len=160, image_slots=4, patches_per_slot=MAX_PATCHES, patch_dim=SPEC_PATCH_DIM,
                      merge_area=4, pad_id=PAD, media_token_ids=(IMAGE_PAD, VIDEO_PAD), position_dims=3)
     return collate_rows([build_row(docs, shape)], MAX_PATCHES // 4)
 
@@ -323,7 +323,7 @@ def test_forward_has_no_host_syncs(media_dir):
         model = Qwen2_5_VLModel(FLAVORS["debug"])
     model.to_empty(device="cpu")
     model.init_weights()
-    shape = RowShape(seq_len=64, max_images=2, max_patches=64, patch_dim=SPEC_PATCH_DIM, merge_area=4,
+    shape = RowShape(seq_len=64, image_slots=2, patches_per_slot=64, patch_dim=SPEC_PATCH_DIM, merge_area=4,
                      pad_id=PAD, media_token_ids=(IMAGE_PAD,), position_dims=3)
     patches, coords = patchify(torch.randn(2, 3, 56, 56), patch=14, temporal_patch=2, merge=2)
     tokens = [BOS, VISION_START] + [IMAGE_PAD] * 4 + [VISION_END, 8, EOS]
@@ -352,7 +352,7 @@ def test_debug_flavor_trains_on_bundled_captions(tmp_path, one_thread):
     cfg, _ = parse_args([
         "--job.config_file", "train_configs/qwen2_5_vl_debug.toml",
         "--job.dump_folder", str(tmp_path / "run"), "--metrics.enable_tensorboard", "false", "--checkpoint.enable", "false", "--training.steps", "100",
-        "--training.seq_len", "128", "--data.max_images_per_row", "6", "--metrics.log_freq", "50"])
+        "--training.seq_len", "128", "--data.image_slots_per_row", "6", "--metrics.log_freq", "50"])
     trainer = train.Trainer(cfg)
     trainer.train()
     losses = [loss.item() for loss in trainer.losses]

@@ -46,7 +46,7 @@ TINY = Qwen3VLArgs(
                         mrope_section=(6, 5, 5), mrope_interleaved=True),
     image_token_id=4, video_token_id=VIDEO_ID, vision_start_token_id=3, vision_end_token_id=5)
 MIN_PIXELS, MAX_PIXELS = 32 * 32, 128 * 128
-SHAPE = RowShape(seq_len=160, max_images=4, max_patches=64, patch_dim=TINY.vision.patch_dim, merge_area=4,
+SHAPE = RowShape(seq_len=160, image_slots=4, patches_per_slot=64, patch_dim=TINY.vision.patch_dim, merge_area=4,
                  pad_id=0, media_token_ids=(4, VIDEO_ID), position_dims=3)
 
 
@@ -141,7 +141,7 @@ def video_of_grid(grid: tuple[int, int, int], seconds_per_temporal_patch: float)
 
 
 def ours_batch(docs):
-    return collate_rows([build_row(docs, SHAPE)], SHAPE.max_patches // SHAPE.merge_area)
+    return collate_rows([build_row(docs, SHAPE)], SHAPE.patches_per_slot // SHAPE.merge_area)
 
 
 def hf_inputs(doc) -> dict:
@@ -222,7 +222,7 @@ def test_vit_and_deepstack_features_match_transformers(models, tok, media_root):
     batch = ours_batch([doc])
     with torch.no_grad():
         merged, deepstack = ours.vision(batch["pixel_values"], batch["grid_thw"])
-        Lm = SHAPE.max_patches // SHAPE.merge_area
+        Lm = SHAPE.patches_per_slot // SHAPE.merge_area
         valid = torch.cat([slot * Lm + torch.arange(m.patches.shape[0] // 4)
                            for slot, m in enumerate(doc.images)])
         ref = hf.model.visual(torch.cat([m.patches for m in doc.images]),
@@ -418,7 +418,7 @@ def test_debug_flavor_trains_on_bundled_captions(tmp_path):
     4.6 -> 0.6)."""
     cfg = make_config(tmp_path, "--job.config_file", "train_configs/qwen3_vl_debug.toml",
                       "--training.steps", "100", "--training.seq_len", "256",
-                      "--data.max_images_per_row", "10", "--checkpoint.enable", "false")
+                      "--data.image_slots_per_row", "10", "--checkpoint.enable", "false")
     threads = torch.get_num_threads()
     # one thread: on a busy 2-core machine two OpenMP threads spin-wait on each other and this
     # 20-second run can take minutes

@@ -21,7 +21,7 @@ from titan_mm.train.nonfinite import DRILL_NAN_STEPS, NonFiniteError
 from titan_mm.train.resume import TrainingComplete, check_same_job
 
 DEBUG = "train_configs/debug_vlm.toml"
-SMALL = ["--training.seq_len", "128", "--data.max_images_per_row", "4", "--metrics.log_freq", "1",
+SMALL = ["--training.seq_len", "128", "--data.image_slots_per_row", "4", "--metrics.log_freq", "1",
          "--metrics.enable_tensorboard", "false", "--checkpoint.export_model_only", "false"]
 
 
@@ -91,11 +91,10 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_bit_identical(tmp_
     import train as train_py
     monkeypatch.setenv(DRILL_NAN_STEPS, "3")
     trainer = train_py.Trainer(config(tmp_path, "--checkpoint.enable", "false", "--training.steps", "4"))
-    data = iter(trainer.dataloader)
 
     def step():
         trainer.train_state.step += 1
-        trainer.train_step(data)
+        trainer.train_step()
 
     step(), step()
     before = optimizer_snapshot(trainer)
@@ -164,10 +163,10 @@ def test_a_preemption_signal_saves_at_the_end_of_the_step_and_resume_is_bitwise_
     interrupted = train_py.Trainer(config(tmp_path / "run", *common))
     original = interrupted.train_step
 
-    def signalled_at_step_3(data_iter):
+    def signalled_at_step_3():
         if interrupted.train_state.step == 3:
             os.kill(os.getpid(), sig)
-        original(data_iter)
+        original()
 
     monkeypatch.setattr(interrupted, "train_step", signalled_at_step_3)
     handler = signal.getsignal(sig)
@@ -187,7 +186,7 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_on_every_rank(tmp_path):
     resumed 2-process run ends with the losses of an uninterrupted one (1e-6 relative: gloo's
     reductions are the only difference)."""
     from test_parallel import torchrun
-    common = ["--training.seq_len", "128", "--data.max_images_per_row", "4", "--training.steps", "8",
+    common = ["--training.seq_len", "128", "--data.image_slots_per_row", "4", "--training.steps", "8",
               "--checkpoint.enable", "true", "--checkpoint.interval", "100",
               "--parallelism.data_parallel_shard_degree", "2"]
     straight = torchrun(2, tmp_path / "straight", *common)
@@ -223,11 +222,10 @@ def test_every_save_copies_into_the_host_buffers_of_the_first(tmp_path):
     from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
     from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
     trainer = config_and_build(tmp_path, "--checkpoint.enable", "false", "--training.steps", "4")
-    data = iter(trainer.dataloader)
     cache = None
     for step in range(1, 4):
         trainer.train_state.step = step
-        trainer.train_step(data)
+        trainer.train_step()
         staged = _stateful_to_state_dict(trainer.checkpointer.states)
         if cache is None:
             cache = _create_cpu_state_dict(staged)
@@ -440,10 +438,10 @@ def test_losses_json_and_tensorboard_hold_every_step_once_across_resumes(tmp_pat
     dying = train_py.Trainer(config(tmp_path, *common))
     original = dying.train_step
 
-    def die_after_step_6(data_iter):
+    def die_after_step_6():
         if dying.train_state.step == 7:
             raise RuntimeError("killed")
-        original(data_iter)
+        original()
 
     monkeypatch.setattr(dying, "train_step", die_after_step_6)
     with pytest.raises(RuntimeError, match="killed"):

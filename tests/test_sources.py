@@ -38,7 +38,7 @@ def captions():
 
 def data_cfg(**kw):
     from titan_mm.config import Data
-    base = dict(max_images_per_row=20, max_patches_per_image=64, min_pixels=1024, max_pixels=4096)
+    base = dict(image_slots_per_row=20, patches_per_slot=64, min_pixels=1024, max_pixels=4096)
     base.update(kw)
     return Data(**base)
 

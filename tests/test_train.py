@@ -42,10 +42,10 @@ def test_initial_load_path_starts_from_exported_weights(tiny_cfg, tmp_path):
     cfg = tiny_cfg("--training.steps", "4")
     train_losses(cfg)
     export = os.path.join(cfg.job.dump_folder, "checkpoint", "model-step-4")
-    fresh = make_config(tmp_path / "b", "--training.seq_len", "256", "--data.max_images_per_row", "10",
+    fresh = make_config(tmp_path / "b", "--training.seq_len", "256", "--data.image_slots_per_row", "10",
                         "--training.steps", "1", "--checkpoint.initial_load_path", export,
                         "--checkpoint.enable", "true")
-    scratch = make_config(tmp_path / "c", "--training.seq_len", "256", "--data.max_images_per_row", "10",
+    scratch = make_config(tmp_path / "c", "--training.seq_len", "256", "--data.image_slots_per_row", "10",
                           "--training.steps", "1")
     assert train_losses(fresh)[0] < train_losses(scratch)[0]
 
@@ -75,7 +75,7 @@ def test_run_train_sh_logs_progress_tensorboard_and_checkpoint(tmp_path):
     env = dict(os.environ, CONFIG_FILE="train_configs/debug_vlm.toml", NGPU="1",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     out = subprocess.run(["./run_train.sh", "--training.steps", "6", "--metrics.log_freq", "3",
-                          "--training.seq_len", "256", "--data.max_images_per_row", "10",
+                          "--training.seq_len", "256", "--data.image_slots_per_row", "10",
                           "--job.dump_folder", str(dump)], env=env, capture_output=True, text=True,
                          timeout=300)
     log = out.stdout + out.stderr
@@ -111,16 +111,15 @@ def test_compiled_blocks_do_not_recompile_across_steps(tmp_path):
     import torch
     import train
     cfg = make_config(tmp_path, "--compile.enable", "true", "--training.seq_len", "256",
-                      "--data.max_images_per_row", "10", "--checkpoint.enable", "false",
+                      "--data.image_slots_per_row", "10", "--checkpoint.enable", "false",
                       "--metrics.log_freq", "100", "--training.steps", "4")
     trainer = train.Trainer(cfg)
-    data = iter(trainer.dataloader)
     try:
         for step in range(1, 5):
             if step == 2:
                 torch.compiler.set_stance("fail_on_recompile")
             trainer.train_state.step = step
-            trainer.train_step(data)
+            trainer.train_step()
     finally:
         torch.compiler.set_stance("default")
     losses = [loss.item() for loss in trainer.losses]

@@ -119,7 +119,7 @@ def test_chat_sample_with_a_video_packs_into_a_batch(media, tok):
                 {"role": "assistant", "content": "A test pattern."}]
     path = media / "chat.jsonl"
     path.write_text("\n".join(json.dumps({"id": f"c{i}", "messages": messages}) for i in range(4)) + "\n")
-    cfg = Data(dataset="chat", path=str(path), max_images_per_row=4, max_patches_per_image=64,
+    cfg = Data(dataset="chat", path=str(path), image_slots_per_row=4, patches_per_slot=64,
                min_pixels=3136, max_pixels=12544, video_fps=5, video_max_frames=8)
     loader = build_dataloader(cfg, tok, SPEC, seq_len=256, batch_size=1, dp_rank=0, dp_world=1, seed=0)
     batch = next(iter(loader))

@@ -13,6 +13,7 @@ import inspect
 import math
 import sys
 import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -87,18 +88,25 @@ class Data:
     """Mixture: one weight > 0 per entry of mixture_paths (need not sum to 1)."""
     mixture_kinds: list[DatasetKind] = field(default_factory=list)
     """Mixture: the ``dataset`` kind of each entry of mixture_paths; empty = all are ``dataset``."""
-    max_images_per_row: int = 8
-    """N: image slots per packed row of seq_len tokens; pixel_values is [batch*N, L, D]."""
-    max_patches_per_image: int = 256
-    """L: patch slots per image (before spatial merge); bounds max_pixels from above."""
+    image_slots_per_row: int = 8
+    """N: patch slots per packed row of seq_len tokens; pixel_values is [batch*N, L, D]. A slot
+    holds the patches of as many images (and video frames) as fit, so N does not limit the images
+    of a row: a row takes documents while its tokens fit seq_len and its images fit the N x L
+    patches (docs/data.md)."""
+    patches_per_slot: int = 256
+    """L: patches per slot (before spatial merge): the largest image (or video frame) a row can
+    hold, so it bounds max_pixels from above; a multiple of the merge area."""
     min_pixels: int = 32 * 32
     """Images smaller than this are upscaled (aspect kept) before patchifying."""
     max_pixels: int = 128 * 128
     """Images larger than this are downscaled (aspect kept) before patchifying."""
     pack_open_bins: int = 16
     """Best-fit packer: how many partly filled rows are kept open for incoming documents."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (0 = load in the training process)."""
+    num_workers: int | Literal["auto"] = 0
+    """DataLoader worker processes per rank (0 = load in the training process). "auto" = the CPUs
+    this process may run on (os.sched_getaffinity) divided by the ranks of this node
+    (LOCAL_WORLD_SIZE), less one for the training process; 0 with data.num_shards. The count is
+    logged at start; resume needs the same count (a checkpoint names it when they differ)."""
     num_shards: int = 0
     """Data shards independent of the layout: the data is read as this many independent streams
     (each its own share of the samples and its own packer), each data-parallel rank hosting
@@ -107,6 +115,10 @@ class Data:
     with local_batch_size doubled) and continues the same global batches. Must be a multiple of the
     data-parallel degree and divide into local_batch_size x dp; needs num_workers = 0. 0 = one
     stream per data-parallel rank (checkpoints then resume only under the same dp degree)."""
+    plan_samples: int = 64
+    """At start, rank 0 reads this many samples (apart from the training stream) and logs the token
+    and patch padding that the budgets training.seq_len, N and L give on them
+    (scripts/plan_batch.py prints the full table of choices); 0 = skip."""
     shuffle: bool = True
     """Reshuffle the samples every epoch (seeded by job.seed and the epoch): the order of files
     (Parquet: row groups; webdataset: shards) and a shuffle buffer of records."""
@@ -234,7 +246,7 @@ class Parallelism:
     """Tensor parallelism with sequence parallelism inside the transformer blocks (ViT and decoder):
     ranks of a tp group see the same data and split heads, MLP units and the sequence. Must divide
     the head counts, the MLP widths, the vocabulary size, training.seq_len and
-    data.max_patches_per_image."""
+    data.patches_per_slot."""
     enable_loss_parallel: bool = True
     """With tensor_parallel_degree > 1: the output head leaves each tp rank the logits of its slice of
     the vocabulary and cross-entropy runs on those slices (torch's loss_parallel), so the full
@@ -314,7 +326,7 @@ class JobConfig:
 # --- value checks that need more than a type ------------------------------------------------------
 
 _POSITIVE = {
-    "data.max_images_per_row", "data.max_patches_per_image", "data.min_pixels", "data.max_pixels",
+    "data.image_slots_per_row", "data.patches_per_slot", "data.min_pixels", "data.max_pixels",
     "data.pack_open_bins", "data.shuffle_buffer", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
     "training.gradient_accumulation_steps", "training.nonfinite_max_consecutive", "optimizer.lr",
     "checkpoint.interval",
@@ -322,7 +334,7 @@ _POSITIVE = {
     "parallelism.pipeline_parallel_stages_per_rank",
 }
 _NON_NEGATIVE = {
-    "data.num_workers", "training.max_norm", "optimizer.weight_decay", "optimizer.eps",
+    "data.num_workers", "data.plan_samples", "training.max_norm", "optimizer.weight_decay", "optimizer.eps",
     "lr_scheduler.warmup_steps", "checkpoint.keep_latest_k", "metrics.peak_tflops",
 }
 _UNIT_INTERVAL = {"lr_scheduler.decay_ratio", "lr_scheduler.min_lr_ratio", "optimizer.beta1",
@@ -340,7 +352,7 @@ def _check_values(cfg: JobConfig) -> list[str]:
                 continue
             if key in _POSITIVE and not value > 0:
                 errors.append(f"{key} = {value!r} must be > 0")
-            if key in _NON_NEGATIVE and not value >= 0:
+            if key in _NON_NEGATIVE and not (value == "auto" or value >= 0):
                 errors.append(f"{key} = {value!r} must be >= 0")
             if key in _UNIT_INTERVAL and not 0 <= value <= 1:
                 errors.append(f"{key} = {value!r} must be in [0, 1]")
@@ -406,9 +418,18 @@ def _check_data_files(data: Data) -> list[str]:
 
 # --- parsing --------------------------------------------------------------------------------------
 
+RENAMED_KEYS = {
+    "data.max_images_per_row": ("data.image_slots_per_row", "N patch slots a row; several images "
+                                "share a slot, so it no longer limits the images of a row"),
+    "data.max_patches_per_image": ("data.patches_per_slot", "L patches a slot, the largest image"),
+}
+"""Keys of earlier versions: old key -> (new key, what it holds now)."""
+
 def _convert(value, tp, key: str):
     """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _convert_union(value, typing.get_args(tp), key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -454,12 +475,27 @@ def _convert(value, tp, key: str):
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
+def _convert_union(value, options: tuple, key: str):
+    """``value`` as the first of ``options`` that takes it (e.g. int | Literal["auto"])."""
+    for tp in options:
+        try:
+            return _convert(value, tp, key)
+        except ConfigError:
+            pass
+    names = [" or ".join(map(repr, typing.get_args(tp))) if typing.get_origin(tp) is Literal else tp.__name__
+             for tp in options]
+    raise ConfigError(f"{key} expects {' or '.join(names)}, got {value!r}")
+
+
 def _set(cfg: JobConfig, key: str, value, source: str) -> None:
     section_name, _, field_name = key.partition(".")
     hints = typing.get_type_hints(JobConfig)
     if section_name not in hints or not field_name:
         raise ConfigError(f"unknown config section {section_name!r} in {key!r} ({source}); "
                           f"sections are {sorted(hints)}")
+    if key in RENAMED_KEYS:
+        new_key, meaning = RENAMED_KEYS[key]
+        raise ConfigError(f"{key} ({source}) is now {new_key} ({meaning}); rename it")
     section = getattr(cfg, section_name)
     field_types = typing.get_type_hints(type(section))
     if field_name not in field_types:

@@ -52,12 +52,12 @@ def caption_loss(cfg: JobConfig, model: torch.nn.Module, model_args, path: str, 
     tok = Tokenizer(cfg.model.tokenizer_path, get_model_spec(cfg.model.name).special_tokens)
     docs = caption_docs(cfg, tok, model_args, path, shift)
     spec = model_args.vision_input
-    shape = RowShape(cfg.training.seq_len, cfg.data.max_images_per_row, cfg.data.max_patches_per_image,
+    shape = RowShape(cfg.training.seq_len, cfg.data.image_slots_per_row, cfg.data.patches_per_slot,
                      spec.patch_dim, spec.merge_area, tok.pad_id, (tok.image_id,),
                      position_dims=spec.position_dims)
     total, count = 0.0, 0
     for row in BestFitPacker(ListSource(docs), shape, cfg.data.pack_open_bins):
-        batch = collate_rows([row], cfg.data.max_patches_per_image // spec.merge_area)
+        batch = collate_rows([row], cfg.data.patches_per_slot // spec.merge_area)
         labels = batch.pop("labels")
         inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}  # not stats, skips
         total += model(**inputs, labels=labels).item()  # summed loss, logits never materialised

@@ -4,6 +4,8 @@ as a torchdata StatefulDataLoader.
 Its state (every worker's source position and open packer rows) goes into checkpoints.
 """
 
+import logging
+import os
 from collections import Counter
 
 import torch
@@ -19,21 +21,26 @@ from titan_mm.data.packing import BestFitPacker, RowShape
 from titan_mm.data.sources import MixtureSource, StreamingSource, source_name
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.data.webdataset import WebDatasetSource
+from titan_mm.models.multimodal import visual_item_ids
+
+logger = logging.getLogger(__name__)
 
 
-def collate_rows(rows: list[dict], merged_per_image: int) -> dict:
-    """Stack rows into [B, S] and [B * N, L, ...]; offset image_token_index to the batch's slots."""
+def collate_rows(rows: list[dict], merged_per_slot: int) -> dict:
+    """Stack rows into [B, S] and [B * N, L, ...]; offset image_token_index to the batch's slots
+    (``merged_per_slot``: L / m^2)."""
     batch = {k: torch.stack([r[k] for r in rows]) for k in
              ("input_ids", "labels", "position_ids", "document_ids", "image_token_index")}
     batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
     batch["grid_thw"] = torch.cat([r["grid_thw"] for r in rows])
-    n_images = rows[0]["pixel_values"].shape[0]
-    offsets = torch.arange(len(rows))[:, None] * n_images * merged_per_image
+    n_slots = rows[0]["pixel_values"].shape[0]
+    offsets = torch.arange(len(rows))[:, None] * n_slots * merged_per_slot
     idx = batch["image_token_index"]
     batch["image_token_index"] = torch.where(idx >= 0, idx + offsets, idx)
-    # segment lengths for the varlen attention backend: documents of each row, frames of each slot
+    # segment lengths for the varlen attention backend: documents of each row, visual items (an
+    # image, a frame of a video) of each slot
     batch["document_lengths"] = run_lengths(batch["document_ids"])
-    batch["frame_lengths"] = run_lengths(batch["grid_thw"][..., 0])
+    batch["frame_lengths"] = run_lengths(visual_item_ids(batch["grid_thw"]))
     batch["stats"] = dict(sum((Counter(r["stats"]) for r in rows), Counter()))
     batch["skipped"] = [ref for r in rows for ref in r["skipped"]]
     return batch
@@ -49,25 +56,25 @@ def run_lengths(ids_RS: torch.Tensor) -> torch.Tensor:
 class Collator:
     """Picklable collate_fn for worker processes."""
 
-    def __init__(self, merged_per_image: int):
-        self.merged_per_image = merged_per_image
+    def __init__(self, merged_per_slot: int):
+        self.merged_per_slot = merged_per_slot
 
     def __call__(self, rows):
-        return collate_rows(rows, self.merged_per_image)
+        return collate_rows(rows, self.merged_per_slot)
 
 
 def check_image_budget(cfg: Data, patch_size: int, merge: int):
-    """Fail early when the image bounds cannot fit the N x L layout."""
+    """Fail early when the largest image cannot fit one slot of L patches."""
     factor = patch_size * merge
     max_patches = (cfg.max_pixels // factor ** 2) * merge ** 2
-    if max_patches > cfg.max_patches_per_image:
+    if max_patches > cfg.patches_per_slot:
         raise ValueError(
             f"data.max_pixels={cfg.max_pixels} allows images of up to {max_patches} patches of "
-            f"{patch_size}px, more than data.max_patches_per_image={cfg.max_patches_per_image}; raise "
-            f"max_patches_per_image to {max_patches} or lower max_pixels to "
-            f"{cfg.max_patches_per_image * patch_size ** 2}")
-    if cfg.max_patches_per_image % (merge * merge):
-        raise ValueError(f"data.max_patches_per_image={cfg.max_patches_per_image} must be a multiple "
+            f"{patch_size}px, more than one slot holds (data.patches_per_slot={cfg.patches_per_slot}); "
+            f"raise patches_per_slot to {max_patches} or lower max_pixels to "
+            f"{cfg.patches_per_slot * patch_size ** 2}")
+    if cfg.patches_per_slot % (merge * merge):
+        raise ValueError(f"data.patches_per_slot={cfg.patches_per_slot} must be a multiple "
                          f"of the merge area {merge * merge}")
 
 
@@ -137,24 +144,43 @@ def check_data_shards(cfg: Data, batch_size: int, dp_world: int) -> int:
         raise ConfigError(f"training.local_batch_size={batch_size} must be a multiple of the "
                           f"{per_rank} data shards each rank hosts (data.num_shards / data-parallel "
                           f"degree), so every step takes the same rows from every shard")
-    if cfg.num_workers:
+    if cfg.num_workers != "auto" and cfg.num_workers:
         raise ConfigError("data.num_shards needs data.num_workers = 0 (shard states are checkpointed "
                           "from the training process)")
     return per_rank
 
 
+def resolve_num_workers(cfg: Data) -> int:
+    """data.num_workers as a count: "auto" = the CPUs this process may use, shared by the ranks
+    of this node, less one for the training process (0 under data.num_shards, which loads in the
+    training process)."""
+    if cfg.num_workers != "auto":
+        return cfg.num_workers
+    if cfg.num_shards:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
+def row_shape(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, seq_len: int) -> RowShape:
+    """The packed row layout the config asks for."""
+    media_token_ids = tuple(i for i in (tokenizer.image_id, tokenizer.video_id) if i is not None)
+    return RowShape(seq_len=seq_len, image_slots=cfg.image_slots_per_row,
+                    patches_per_slot=cfg.patches_per_slot, patch_dim=spec.patch_dim,
+                    merge_area=spec.merge_area, pad_id=tokenizer.pad_id, media_token_ids=media_token_ids,
+                    position_dims=spec.position_dims)
+
+
 def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, seq_len: int,
-                     batch_size: int, dp_rank: int, dp_world: int, seed: int) -> StatefulDataLoader:
-    """Batches of this data-parallel rank. With data.num_shards the dataset is a ShardRows (its
+                     batch_size: int, dp_rank: int, dp_world: int, seed: int,
+                     pin_memory: bool = False) -> StatefulDataLoader:
+    """Batches of this data-parallel rank (in page-locked memory with ``pin_memory``, for
+    asynchronous copies to a GPU). With data.num_shards the dataset is a ShardRows (its
     ``packers`` hold one state per hosted shard)."""
     check_image_budget(cfg, spec.patch_size, spec.spatial_merge_size)
     per_rank = check_data_shards(cfg, batch_size, dp_world)
     merge_area = spec.merge_area
-    media_token_ids = tuple(i for i in (tokenizer.image_id, tokenizer.video_id) if i is not None)
-    shape = RowShape(seq_len=seq_len, max_images=cfg.max_images_per_row,
-                     max_patches=cfg.max_patches_per_image, patch_dim=spec.patch_dim,
-                     merge_area=merge_area, pad_id=tokenizer.pad_id, media_token_ids=media_token_ids,
-                     position_dims=spec.position_dims)
+    shape = row_shape(cfg, tokenizer, spec, seq_len)
 
     def packer(shard: int, shards: int) -> BestFitPacker:
         source = build_source(cfg, tokenizer, spec, seq_len=seq_len, dp_rank=shard, dp_world=shards,
@@ -166,6 +192,44 @@ def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, 
         dataset = ShardRows({s: packer(s, cfg.num_shards) for s in range(first, first + per_rank)})
     else:
         dataset = packer(dp_rank, dp_world)
-    return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
-                              collate_fn=Collator(cfg.max_patches_per_image // merge_area),
-                              persistent_workers=cfg.num_workers > 0)
+    workers = resolve_num_workers(cfg)
+    if cfg.num_workers == "auto":
+        logger.info("data.num_workers = auto: %d loader workers", workers)
+    return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                              collate_fn=Collator(cfg.patches_per_slot // merge_area),
+                              persistent_workers=workers > 0, pin_memory=pin_memory)
+
+
+class LoaderState(Stateful):
+    """A dataloader's checkpointed state; loading one saved with another worker count is refused
+    with the count to set (each worker reads its own share, so the position cannot be carried
+    over)."""
+
+    def __init__(self, loader: StatefulDataLoader):
+        self.loader = loader
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict):
+        saved = saved_worker_count(state)
+        if state and saved != self.loader.num_workers:
+            raise ConfigError(f"the checkpoint's data loader ran {saved} workers and this run has "
+                              f"{self.loader.num_workers}; set data.num_workers = {saved} to resume")
+        self.loader.load_state_dict(state)
+
+
+def saved_worker_count(state: dict) -> int:
+    """Workers of the loader whose state_dict() this is (torchdata keeps one snapshot per worker)."""
+    snapshot = state.get("_snapshot")
+    return len(snapshot["_worker_snapshots"]) if snapshot else 0
+
+
+def data_states(dataloader: StatefulDataLoader, dp_rank: int) -> dict[str, Stateful]:
+    """What a checkpoint keeps of this rank's data, by checkpoint key: with data.num_shards one
+    entry per hosted shard (whichever rank hosts it later), else the whole loader of this
+    data-parallel rank."""
+    packers = getattr(dataloader.dataset, "packers", None)
+    if packers is not None:
+        return {f"data_shard{shard}": packer for shard, packer in packers.items()}
+    return {f"dataloader_dp{dp_rank}": LoaderState(dataloader)}

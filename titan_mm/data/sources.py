@@ -2,12 +2,14 @@
 worker; weighted mixtures of sources. (Webdataset .tar shards: titan_mm/data/webdataset.py; the
 file formats: titan_mm/data/formats.py; records -> documents: titan_mm/data/samples.py.)
 
-A source yields ``(ref, Document)``; ``load(ref)`` rebuilds the document. Bad samples are skipped,
+A source yields ``(ref, Document)``; ``load(ref)`` rebuilds the document; ``epoch`` counts the full
+passes made (the packer stops a run in which a whole pass fits nothing). Bad samples are skipped,
 counted in ``stats`` by reason, and their references kept in ``skipped`` until the packer reports
 them. A source's position is its whole state, so resume is exact.
 """
 
 import bisect
+import contextlib
 import glob
 import logging
 import os
@@ -28,6 +30,7 @@ MAX_SKIP_WARNINGS = 20
 MAX_SKIPS_REPORTED = 5
 """References of the latest skipped samples a source keeps for the progress line."""
 _skips_logged = 0
+_skip_warnings = True
 
 
 def count_skip(source, error: SampleError):
@@ -35,9 +38,23 @@ def count_skip(source, error: SampleError):
     global _skips_logged
     source.stats[error.kind] += 1
     source.skipped = (source.skipped + [f"{error.kind} {error}"[:300]])[-MAX_SKIPS_REPORTED:]
+    if not _skip_warnings:
+        return
     _skips_logged += 1
     if _skips_logged <= MAX_SKIP_WARNINGS:
         logger.warning("skipping sample (%s): %s", error.kind, error)
+
+
+@contextlib.contextmanager
+def skips_counted_only():
+    """Skips inside are counted but not logged, and leave the process's warnings to later skips
+    (a padding estimate reports its own)."""
+    global _skip_warnings
+    _skip_warnings = False
+    try:
+        yield
+    finally:
+        _skip_warnings = True
 
 
 def reader_index(dp_rank: int, dp_world: int) -> tuple[int, int]:

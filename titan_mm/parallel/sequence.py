@@ -184,7 +184,7 @@ def check_sequence_parallel(dims, decoder_args, seq_len: int, image_slots: int, 
                 else "training.local_batch_size")
         raise ParallelismError(
             f"the vision encoder splits the {image_slots} image slots of each forward ({rows} rows x "
-            f"data.max_images_per_row) over the {degree} sequence-parallel ranks; make it a multiple "
+            f"data.image_slots_per_row) over the {degree} sequence-parallel ranks; make it a multiple "
             f"of {degree}")
 
 

@@ -154,11 +154,14 @@ def set_rng_state(state: dict):
 
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model_parts: list[torch.nn.Module],
-                 optimizers: list, lr_schedulers: list, dataloader, train_state: Stateful, rank: int,
-                 dp_rank: int, job: dict, group=None, hf_adapter=None, model_args=None):
+                 optimizers: list, lr_schedulers: list, data_states: dict[str, Stateful],
+                 train_state: Stateful, rank: int, dp_rank: int, job: dict, group=None, hf_adapter=None,
+                 model_args=None):
         """model_parts: the whole model, or this rank's pipeline stages; one optimizer and LR
-        scheduler per part. job: what the manifest records of the run (train/resume.py); group: a
-        gloo group of every rank for DCP's collectives (None: a single process).
+        scheduler per part. data_states: this rank's data position by checkpoint key
+        (titan_mm/data/dataloader.py:data_states). job: what the manifest records of the run
+        (train/resume.py); group: a gloo group of every rank for DCP's collectives (None: a single
+        process).
 
         Dataloader and RNG states are keyed by data-parallel rank: the ranks that read the same data
         (tensor- and pipeline-parallel peers) hold the same loader state and one copy is kept, so a
@@ -169,7 +172,9 @@ class CheckpointManager:
         self.folder = checkpoint_folder(cfg, dump_folder)
         self.rank, self.job, self.group = rank, job, group
         # one writer for every save: with async saves it keeps the host copy of the state between them
-        self.writer = ChecksummingWriter(self.folder, cache_staged_state_dict=cfg.async_save and torch.cuda.is_available())
+        # (pinned, which needs a GPU)
+        self.writer = ChecksummingWriter(self.folder,
+                                         cache_staged_state_dict=cfg.async_save and torch.cuda.is_available())
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if cfg.async_save else None
         self.pending: tuple[int, Future] | None = None
         """(step, the save in flight): its write and, on rank 0, its commit."""
@@ -191,14 +196,8 @@ class CheckpointManager:
             "train_state": train_state,
             f"rng_dp{dp_rank}": RankLocalState(rng_state, set_rng_state),
         }
-        packers = getattr(dataloader.dataset, "packers", None)
-        if packers is not None:
-            # data.num_shards: one entry per data shard, whichever rank hosts it now
-            for shard, packer in packers.items():
-                self.states[f"data_shard{shard}"] = RankLocalState(packer.state_dict, packer.load_state_dict)
-        else:
-            self.states[f"dataloader_dp{dp_rank}"] = RankLocalState(dataloader.state_dict,
-                                                                    dataloader.load_state_dict)
+        self.states.update({key: RankLocalState(state.state_dict, state.load_state_dict)
+                            for key, state in data_states.items()})
 
     def due(self, step: int, last_step: bool) -> bool:
         return self.cfg.enable and (last_step or step % self.cfg.interval == 0)

@@ -55,6 +55,8 @@ class MetricsLogger:
             self.writer = SummaryWriter(tb_folder, purge_step=start_step + 1)
         self.data_totals: Counter = Counter()
         """This rank's data counts since the start of the run."""
+        self.step_totals: Counter = Counter()
+        """This rank's steps, tokens, FLOPs and seconds waited for data since the start of the run."""
         self.warned_patch_padding = False
         self._reset_window()
 
@@ -63,18 +65,23 @@ class MetricsLogger:
         self.window_steps = 0
         self.window_tokens = 0
         self.window_flops = 0.0
+        self.window_data_wait_s = 0.0
         self.window_data: Counter = Counter()
         self.window_skipped: list[str] = []
 
     def should_log(self, step: int) -> bool:
         return step == 1 or step % self.log_freq == 0 or step == self.total_steps
 
-    def record_step(self, *, tokens: float, flops: float, data_stats: dict, skipped: list[str] = ()):
+    def record_step(self, *, tokens: float, flops: float, data_stats: dict, skipped: list[str] = (),
+                    data_wait_s: float = 0.0):
         """Host-side counts of one step on this rank (no device sync); ``skipped``: references of
-        samples skipped by this rank's loader, the latest of which the progress line names."""
+        samples skipped by this rank's loader, the latest of which the progress line names;
+        ``data_wait_s``: wall time the step spent blocked on the loader."""
         self.window_steps += 1
         self.window_tokens += tokens
         self.window_flops += flops
+        self.window_data_wait_s += data_wait_s
+        self.step_totals.update(steps=1, tokens=tokens, flops=flops, data_wait_s=data_wait_s)
         self.window_data.update(data_stats)
         self.data_totals.update(data_stats)
         self.window_skipped = (self.window_skipped + list(skipped))[-MAX_SKIPS_SHOWN:]
@@ -89,13 +96,15 @@ class MetricsLogger:
         mem = peak_memory_gib(self.device)
         eta = (self.total_steps - step) * elapsed / max(1, self.window_steps)
         pad = self.window_data.get("pad_tokens", 0) / max(1, row_slots * self.window_steps)
+        # above a few percent the loader, not the GPU, sets the pace
+        data_wait = self.window_data_wait_s / elapsed
         # the vision encoder computes every one of the N x L patch slots, valid or not
         patch_pad = self.window_data.get("pad_patches", 0) / max(1, self.window_data.get("patch_slots", 0))
         if patch_pad > 0.5 and not self.warned_patch_padding:
             self.warned_patch_padding = True
-            logger.warning("%.0f%% of the image patch slots (data.max_images_per_row x max_patches_per_image) "
-                           "are padding that the vision encoder still computes: lower those two to fit the "
-                           "data", 100 * patch_pad)
+            logger.warning("%.0f%% of the image patches of a row (data.image_slots_per_row x patches_per_slot) "
+                           "are padding that the vision encoder still computes: lower image_slots_per_row to "
+                           "fit the data", 100 * patch_pad)
         # "samples/NAME" and "tokens/NAME": per-source counts of a mixture
         per_source = {k: v for k, v in data_totals.items() if "/" in k}
         skipped = {k: v for k, v in data_totals.items()
@@ -103,6 +112,7 @@ class MetricsLogger:
         parts = [f"step {step:>5}/{self.total_steps}", f"loss {loss:7.4f}", f"grad_norm {grad_norm:7.3f}",
                  f"lr {lr:.2e}", f"tok/s {tps:,.0f}", "mfu " + (f"{100 * mfu:.1f}%" if mfu else "-"),
                  f"mem {mem:.2f}GiB", f"pad {100 * pad:.1f}%", f"img pad {100 * patch_pad:.0f}%",
+                 f"data wait {100 * data_wait:.1f}%",
                  f"skipped {sum(skipped.values())}" + (f" {dict(sorted(skipped.items()))}" if skipped else ""),
                  f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
         if skipped_steps:
@@ -115,7 +125,7 @@ class MetricsLogger:
         if self.writer:
             scalars = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
                        "memory_gib": mem, "pad_fraction": pad, "patch_pad_fraction": patch_pad,
-                       "nonfinite_skipped_steps": skipped_steps}
+                       "nonfinite_skipped_steps": skipped_steps, "data_wait_fraction": data_wait}
             if mfu:
                 scalars["mfu"] = mfu
             for k, v in scalars.items():

@@ -42,4 +42,4 @@ def vlm_tensor_parallel_sizes(args, cfg) -> dict[str, int]:
     (its sequence)."""
     return {**tensor_parallel_sizes(args, cfg), "vision n_heads": args.vision.n_heads,
             "vision ffn_hidden_dim": args.vision.ffn_hidden_dim,
-            "data.max_patches_per_image": cfg.data.max_patches_per_image}
+            "data.patches_per_slot": cfg.data.patches_per_slot}

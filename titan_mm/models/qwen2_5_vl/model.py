@@ -1,10 +1,11 @@
 """Qwen2.5-VL: a ViT with 2-D rotary, window attention and SwiGLU -> 2x2 patch merger -> Qwen2.5
 decoder with M-RoPE.
 
-The ViT runs on the fixed N x L patch batch (patches in merge-block order, ``grid_NL3`` holding each
-patch's (t, h, w) coordinate, -1 on padding). HF reorders patches into window order and attends
-within cu_seqlens segments; here the same segments are boolean masks over the merge-block order, built
-from ``grid_NL3`` with tensor ops, which gives the same math with fixed shapes and no host syncs.
+The ViT runs on the fixed N x L patch batch (several images a slot, patches in merge-block order,
+``grid_NL3`` holding each patch's (t, h, w) coordinate within its image, -1 on padding). HF
+reorders patches into window order and attends within cu_seqlens segments; here the same segments
+(each frame of each image, each window of it) are masks over the merge-block order, built from
+``grid_NL3`` with tensor ops, which gives the same math with fixed shapes and no host syncs.
 """
 
 import functools
@@ -18,7 +19,7 @@ from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
 from titan_mm.models.attention import attend, segment_mask
 from titan_mm.models.llama.model import Decoder, DecoderArgs, RMSNorm
-from titan_mm.models.multimodal import image_token_positions, scatter_image_embeddings
+from titan_mm.models.multimodal import image_token_positions, scatter_image_embeddings, visual_item_ids
 from titan_mm.models.qwen2_5_vl.positions import mrope_position_ids
 from titan_mm.models.rope import apply_rope, rope_2d_cos_sin
 from titan_mm.parallel.sequence import encode_images_split
@@ -83,13 +84,16 @@ class Qwen2_5_VLArgs:
 
 
 def window_segment_ids(grid_NL3: torch.Tensor, window_patches: int) -> torch.Tensor:
-    """[N, L]: one id per (frame, window of window_patches^2 patches); -1 for padding. HF reorders
-    patches into windows; segments over merge-block order are the same math."""
-    t_NL, h_NL, w_NL = grid_NL3.unbind(-1)
+    """[N, L]: one id per (visual item, window of window_patches^2 patches from the item's top
+    left); -1 for padding. HF reorders patches into windows; segments over merge-block order are
+    the same math."""
+    item_NL = visual_item_ids(grid_NL3)
+    _, h_NL, w_NL = grid_NL3.unbind(-1)
+    # ids only need to differ within a slot: size them by the largest grid of the batch
     windows_per_row = 1 + w_NL.amax() // window_patches
     window_NL = (h_NL // window_patches) * windows_per_row + w_NL // window_patches
-    frames_windows = (1 + h_NL.amax() // window_patches) * windows_per_row
-    return torch.where(t_NL >= 0, t_NL * frames_windows + window_NL, -1)
+    item_windows = (1 + h_NL.amax() // window_patches) * windows_per_row
+    return torch.where(item_NL >= 0, item_NL * item_windows + window_NL, -1)
 
 
 class PatchEmbed(nn.Module):
@@ -187,11 +191,12 @@ class VisionTransformer(nn.Module):
     def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor,
                 frame_lengths_NF: torch.Tensor | None = None) -> torch.Tensor:
         """pixels [N, L, patch_dim], grid [N, L, 3] -> merged embeddings [N * L / m^2, out_dim].
-        frame_lengths_NF: each slot's frame (and padding) lengths, for the varlen backend."""
+        frame_lengths_NF: each slot's visual item (and padding) lengths, for the varlen backend."""
         h = self.patch_embed(pixels_NLD)
         cos, sin = rope_2d_cos_sin(grid_NL3, self.inv_freq)
         backend = self.args.attention_backend
-        frame_mask = segment_mask(grid_NL3[..., 0], causal=False, backend=backend,
+        # full-attention layers: each frame of each image attends to itself
+        frame_mask = segment_mask(visual_item_ids(grid_NL3), causal=False, backend=backend,
                                   segment_lengths_BK=frame_lengths_NF)
         # windows are not contiguous in merge-block order, which varlen needs: dense masks there
         window_mask = segment_mask(window_segment_ids(grid_NL3, self.args.window_patches), causal=False,
@@ -253,8 +258,8 @@ def training_flops(args: Qwen2_5_VLArgs, shape: BatchShape) -> float:
     """Matmul FLOPs of one training step (3 x forward) over valid tokens and patches.
 
     Decoder attention counts causal pairs inside each document. ViT full-attention layers count all
-    pairs inside each image (an upper bound for videos, which attend per frame); window layers count
-    one full window per patch (an upper bound at image borders). Padding is not counted.
+    pairs inside each visual item (an image, or one frame of a video); window layers count one full
+    window per patch (an upper bound at image borders). Padding is not counted.
     """
     d, v = args.decoder, args.vision
     q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim

@@ -5,8 +5,9 @@ patch), adds a learned sqrt x sqrt position table resampled to each image's grid
 align_corners=True), and attends bidirectionally within each temporal frame of each image or video.
 The merger turns every m x m block into one token; DeepStack mergers do the same with the outputs
 of a few intermediate ViT layers, and those features are added to the hidden states of the first
-decoder layers at the visual tokens. Everything runs on the fixed N x L patch layout with no host
-syncs; per-image sizes come from grid_thw through tensor ops.
+decoder layers at the visual tokens. Everything runs on the fixed N x L patch layout, several
+images to a slot, with no host syncs: which image each patch belongs to, and that image's size,
+come from grid_thw through tensor ops (models/multimodal.py).
 """
 
 import functools
@@ -20,7 +21,8 @@ from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
 from titan_mm.models.attention import attend, segment_mask
 from titan_mm.models.llama.model import Decoder, DecoderArgs
-from titan_mm.models.multimodal import image_token_positions, scatter_image_embeddings
+from titan_mm.models.multimodal import (image_token_positions, scatter_image_embeddings, visual_item_hw,
+                                        visual_item_ids)
 from titan_mm.models.qwen3_vl.positions import mrope_position_ids
 from titan_mm.models.qwen3_vl.video import timestamped_video_tokens
 from titan_mm.models.rope import apply_rope, rope_2d_cos_sin, rope_inv_freq
@@ -81,12 +83,13 @@ class Qwen3VLArgs:
                                                               temporal_patch_size=v.temporal_patch_size))
 
 
-def align_corners_taps(pos_NL: torch.Tensor, size_N: torch.Tensor, side: int):
+def align_corners_taps(pos_NL: torch.Tensor, size_NL: torch.Tensor, side: int):
     """The two table rows (and weights) that bilinear align_corners=True resampling of a
-    ``side``-long axis to ``size`` reads at ``pos``: ([N, L, 2] long, [N, L, 2] float)."""
+    ``side``-long axis to ``size`` (each patch's own image's) reads at ``pos``:
+    ([N, L, 2] long, [N, L, 2] float)."""
     pos = pos_NL.clamp(min=0).float()
     # the same expression as HF's (endpoints land on 0 and side - 1), so parity is to the bit
-    src = pos * (side - 1) / (size_N[:, None] - 1).clamp(min=1)
+    src = pos * (side - 1) / (size_NL - 1).clamp(min=1)
     floor = src.floor()
     offsets = torch.arange(2, device=pos.device)
     taps = (floor.long()[..., None] + offsets).clamp(0, side - 1)
@@ -197,9 +200,9 @@ class VisionTransformer(nn.Module):
     def position_embeddings(self, grid_NL3: torch.Tensor) -> torch.Tensor:
         """The learned table resampled to each image's (h, w) grid, read at each patch: [N, L, D]."""
         side = self.args.pos_embed_side
-        size_N3 = grid_NL3.amax(dim=1) + 1
-        h_taps, h_w = align_corners_taps(grid_NL3[..., 1], size_N3[:, 1], side)
-        w_taps, w_w = align_corners_taps(grid_NL3[..., 2], size_N3[:, 2], side)
+        hw_NL2 = visual_item_hw(grid_NL3)
+        h_taps, h_w = align_corners_taps(grid_NL3[..., 1], hw_NL2[..., 0], side)
+        w_taps, w_w = align_corners_taps(grid_NL3[..., 2], hw_NL2[..., 1], side)
         index_NL4 = (h_taps[..., :, None] * side + w_taps[..., None, :]).flatten(-2)
         weight_NL4 = (h_w[..., :, None] * w_w[..., None, :]).flatten(-2)
         table = self.pos_embed.weight
@@ -208,12 +211,12 @@ class VisionTransformer(nn.Module):
     def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor,
                 frame_lengths_NF: torch.Tensor | None = None):
         """Merged embeddings [N * L / m^2, out_dim] and one such tensor per DeepStack layer.
-        frame_lengths_NF: each slot's frame (and padding) lengths, for the varlen backend."""
+        frame_lengths_NF: each slot's visual item (and padding) lengths, for the varlen backend."""
         h = self.patch_embed(pixels_NLD)
         h = h + self.position_embeddings(grid_NL3).to(h.dtype)
         cos, sin = rope_2d_cos_sin(grid_NL3, self.inv_freq)
         # each frame of each image attends to itself; padding patches form one more segment
-        mask = segment_mask(grid_NL3[..., 0], causal=False, backend=self.args.attention_backend,
+        mask = segment_mask(visual_item_ids(grid_NL3), causal=False, backend=self.args.attention_backend,
                             segment_lengths_BK=frame_lengths_NF)
         deepstack = []
         for name, layer in self.layers.items():
@@ -281,7 +284,7 @@ def training_flops(args: Qwen3VLArgs, shape: BatchShape) -> float:
     """Matmul FLOPs of one training step (3 x forward) over valid tokens and patches.
 
     Decoder attention counts causal pairs inside each document; ViT attention full pairs inside
-    each image (a video's frames attend separately, so this overcounts videos).
+    each visual item (an image, or one frame of a video).
     """
     d, v = args.decoder, args.vision
     q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim

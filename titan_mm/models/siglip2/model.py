@@ -1,9 +1,10 @@
 """Native-resolution ViT in the SigLIP2 (naflex) style, weight-compatible with HF Siglip2VisionModel.
 
-Input is the fixed-shape N x L patch layout: ``pixels_NLD`` holds each image's flattened patches
-and ``grid_NL3`` each patch's (t, h, w) coordinate, -1 on padding rows. A Linear embeds the pre-cut
-patches; a learned P x P position table is resized bilinearly (with antialias when shrinking) to
-each image's own grid; attention is bidirectional and restricted to the image's valid patches.
+Input is the fixed-shape N x L patch layout: ``pixels_NLD`` holds the flattened patches of one or
+more images a slot and ``grid_NL3`` each patch's (t, h, w) coordinate within its image, -1 on
+padding rows. A Linear embeds the pre-cut patches; a learned P x P position table is resized
+bilinearly (with antialias when shrinking) to each image's own grid; attention is bidirectional and
+restricted to the image's own patches.
 SigLIP2's attention-pooling head is not built: the VLMs here read the per-patch states.
 """
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan_mm.models.attention import attend, segment_mask
+from titan_mm.models.multimodal import visual_item_hw, visual_item_ids
 
 
 @dataclass
@@ -47,18 +49,19 @@ class VisionArgs:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
-def bilinear_weights(pos_NL: torch.Tensor, out_size_N: torch.Tensor, in_size: int,
+def bilinear_weights(pos_NL: torch.Tensor, out_size_NL: torch.Tensor, in_size: int,
                      antialias: bool) -> torch.Tensor:
-    """[N, L, in_size] weights that resample a length-``in_size`` axis to ``out_size`` at ``pos``.
+    """[N, L, in_size] weights that resample a length-``in_size`` axis to ``out_size`` (each
+    patch's own image's, or anything that broadcasts to [N, L]) at ``pos``.
 
     The same function as F.interpolate(mode="bilinear", align_corners=False[, antialias]) along one
     axis, but per image with sizes held in a tensor, so no host sync is needed.
     """
-    scale_N1 = (in_size / out_size_N.clamp(min=1).float())[:, None]
-    support_N1 = scale_N1.clamp(min=1.0) if antialias else torch.ones_like(scale_N1)
-    center_NL = (pos_NL.clamp(min=0).float() + 0.5) * scale_N1
+    scale_NL = in_size / out_size_NL.clamp(min=1).float()
+    support_NL = scale_NL.clamp(min=1.0) if antialias else torch.ones_like(scale_NL)
+    center_NL = (pos_NL.clamp(min=0).float() + 0.5) * scale_NL
     src = torch.arange(in_size, device=pos_NL.device, dtype=torch.float32) + 0.5
-    w_NLI = (1 - (src - center_NL[..., None]).abs() / support_N1[..., None]).clamp(min=0)
+    w_NLI = (1 - (src - center_NL[..., None]).abs() / support_NL[..., None]).clamp(min=0)
     return w_NLI / w_NLI.sum(-1, keepdim=True)
 
 
@@ -112,19 +115,19 @@ class VisionTransformer(nn.Module):
     def position_embeddings(self, grid_NL3: torch.Tensor) -> torch.Tensor:
         """The P x P table resized to each image's (h, w) grid, read at each patch: [N, L, dim]."""
         P = self.args.pos_embed_side
-        size_N3 = grid_NL3.amax(dim=1) + 1
-        w_h = bilinear_weights(grid_NL3[..., 1], size_N3[:, 1], P, self.args.pos_embed_antialias)
-        w_w = bilinear_weights(grid_NL3[..., 2], size_N3[:, 2], P, self.args.pos_embed_antialias)
+        hw_NL2 = visual_item_hw(grid_NL3)
+        w_h = bilinear_weights(grid_NL3[..., 1], hw_NL2[..., 0], P, self.args.pos_embed_antialias)
+        w_w = bilinear_weights(grid_NL3[..., 2], hw_NL2[..., 1], P, self.args.pos_embed_antialias)
         w_NLPP = (w_h[..., :, None] * w_w[..., None, :]).flatten(-2)
         return w_NLPP.to(self.pos_embed.dtype) @ self.pos_embed
 
     def forward(self, pixels_NLD: torch.Tensor, grid_NL3: torch.Tensor,
                 frame_lengths_NF: torch.Tensor | None = None) -> torch.Tensor:
-        """frame_lengths_NF: each slot's frame (and padding) lengths, for the varlen backend."""
+        """frame_lengths_NF: each slot's visual item (and padding) lengths, for the varlen backend."""
         h = self.patch_embed(pixels_NLD.to(self.patch_embed.weight.dtype))
         h = h + self.position_embeddings(grid_NL3).to(h.dtype)
-        # each image attends to itself; padding patches form one more segment
-        mask = segment_mask(grid_NL3[..., 0], causal=False, backend=self.args.attention_backend,
+        # each image (each frame of a video) attends to itself; padding patches form one more segment
+        mask = segment_mask(visual_item_ids(grid_NL3), causal=False, backend=self.args.attention_backend,
                             segment_lengths_BK=frame_lengths_NF)
         for layer in self.layers.values():
             h = layer(h, mask)
