@@ -17,5 +17,11 @@ else
     rdzv=(--standalone --nnodes=1)
 fi
 
+# Preemption (docs/reliability.md): torchrun forwards SIGTERM and SIGUSR1 to the ranks, which save a
+# checkpoint at the end of their step and exit 0; torchrun gives them TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+# seconds for it (torch >= 2.12; older versions wait 30 s), then exits 1 (its "got signal" error).
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
+
 exec python -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$NGPU" --local-ranks-filter="${LOG_RANK:-0}" \
     train.py --job.config_file "$CONFIG_FILE" "$@"

@@ -7,7 +7,6 @@ scheduler, dataloader, checkpointer -> loop. Launch with run_train.sh (torchrun)
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -19,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from titan_mm.config import ConfigError, JobConfig, parse_args, to_toml
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.dataloader import build_dataloader, data_states
+from titan_mm.data.documents import DataError
 from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.data.plan import log_expected_padding
 from titan_mm.data.tokenizer import Tokenizer
@@ -30,13 +30,16 @@ from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
 from titan_mm.parallel.pipeline import (build_pipeline_schedule, check_pipeline, microbatch_image_token_index,
                                         pipeline_microbatches, split_stage, stage_indices)
 from titan_mm.parallel.sequence import check_sequence_parallel, sequence_parallel_group, shard_batch
-from titan_mm.train.checkpoint import CheckpointManager
+from titan_mm.train.checkpoint import CheckpointError, CheckpointManager, checkpoint_folder
 from titan_mm.train.cuda_graph import StepGraph
 from titan_mm.train.loss import loss_parallel_context, loss_sum
 from titan_mm.train.lr_scheduler import build_lr_scheduler
-from titan_mm.train.metrics import MetricsLogger, device_peak_tflops
+from titan_mm.train.metrics import LossHistory, MetricsLogger, device_peak_tflops
+from titan_mm.train.nonfinite import NonFiniteError, NonFiniteGuard, parameters_are_finite
 from titan_mm.train.optimizer import build_optimizer
 from titan_mm.train.prefetch import DevicePrefetcher
+from titan_mm.train.preemption import PreemptionHandler
+from titan_mm.train.resume import TrainingComplete, job_fingerprint, plan_resume
 
 logger = logging.getLogger("titan_mm")
 
@@ -46,28 +49,29 @@ LENGTHS = ("document_lengths", "frame_lengths")
 """Inputs of the varlen attention backend only (their shapes change from batch to batch)."""
 
 
+EXIT_CODES = {"done": 0, "config": 2, "nonfinite": 3, "checkpoint": 4}
+"""Exit codes of train.py (docs/reliability.md); "done" includes a preempted run that saved its checkpoint."""
+
+
 class TrainState:
-    """The step counter, checkpointed with the rest."""
+    """The step counter and the count of skipped non-finite steps, checkpointed with the rest."""
 
     def __init__(self):
         self.step = 0
+        self.nonfinite_skips = 0
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"step": self.step, "nonfinite_skips": self.nonfinite_skips}
 
     def load_state_dict(self, state):
-        self.step = state["step"]
+        self.step, self.nonfinite_skips = state["step"], state["nonfinite_skips"]
 
 
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.rank, self.world_size, self.device = init_distributed()
-        setup_logging(self.rank)
-        if self.rank == 0:
-            os.makedirs(cfg.job.dump_folder, exist_ok=True)
-            with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as f:
-                f.write(to_toml(cfg))
+        setup_logging(self.rank, cfg.job.dump_folder)
         set_determinism(cfg.job.seed, cfg.job.deterministic)
 
         spec = get_model_spec(cfg.model.name)
@@ -109,6 +113,15 @@ class Trainer:
         # ranks of a CP / Ulysses group read the same rows and keep their share of each
         self.sequence_parallel = sequence_parallel_group(mesh, self.parallel_dims)
         self.pp_group = mesh["pp"].get_group() if self.parallel_dims.pp_enabled else None
+        # which checkpoint to continue from, refused before the model is built if this config cannot
+        self.checkpoint_group = gloo_group()  # DCP's collectives, from its background thread too
+        self.job = job_fingerprint(cfg, self.parallel_dims.dp_degree)
+        self.resume_step = plan_resume(
+            cfg.checkpoint, checkpoint_folder(cfg.checkpoint, cfg.job.dump_folder), self.job, cfg.training.steps,
+            rank=self.rank, world_size=self.world_size, group=self.checkpoint_group)
+        if self.rank == 0:
+            with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as f:
+                f.write(to_toml(cfg))
         # before the model: a missing data file or an impossible image budget is a config error
         # found in seconds, not after minutes of building and materialising
         self.dataloader = build_dataloader(
@@ -137,6 +150,7 @@ class Trainer:
         self.optimizers = [build_optimizer(cfg.optimizer, m, self.device, capturable=cfg.compile.cuda_graph)
                            for m in self.model_parts]
         self.lr_schedulers = [build_lr_scheduler(cfg.lr_scheduler, o, cfg.training.steps) for o in self.optimizers]
+        self.nonfinite = NonFiniteGuard(cfg.training, self.optimizers, self.device)
         if self.rank == 0 and cfg.data.plan_samples:
             log_expected_padding(cfg.data, self.tokenizer, self.model_args.vision_input,
                                  seq_len=cfg.training.seq_len, seed=cfg.job.seed)
@@ -146,18 +160,21 @@ class Trainer:
             data_states(self.dataloader, dp_rank), read_ahead=self.device.type == "cuda")
         self.train_state = TrainState()
         self.losses: list[torch.Tensor] = []
-        """Global loss of each step trained by this process (device tensors, read them at the end)."""
+        """Global loss of each step trained by this process (device tensors, read at checkpoints)."""
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, cfg.job.dump_folder, model_parts=self.model_parts, optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers, data_states=self.batches.checkpoint_states(),
-            train_state=self.train_state,
-            rank=self.rank, dp_rank=dp_rank, hf_adapter=spec.hf_adapter, model_args=self.model_args)
-        self.checkpointer.load()
+            train_state=self.train_state, rank=self.rank, dp_rank=dp_rank, job=self.job,
+            group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args)
+        self.checkpointer.load(self.resume_step)
+        self.nonfinite.start_at(self.train_state.step, self.train_state.nonfinite_skips)
+        self.loss_history = LossHistory(os.path.join(cfg.job.dump_folder, "losses.json"), self.train_state.step)
         self.metrics = MetricsLogger(
             log_freq=cfg.metrics.log_freq, total_steps=cfg.training.steps,
             tb_folder=os.path.join(cfg.job.dump_folder, "tb") if cfg.metrics.enable_tensorboard and self.rank == 0 else None,
             peak_tflops=device_peak_tflops(cfg.metrics.peak_tflops), world_size=self.world_size,
-            device=self.device)
+            device=self.device, start_step=self.train_state.step)
+        self.preemption = PreemptionHandler(gloo_group())
         # only a standalone model gets autocast; FSDP casts parameters itself
         self.autocast = (torch.autocast(self.device.type, dtype=self.compute_dtype)
                          if self.compute_dtype != torch.float32 and not self.parallel_dims.fsdp_enabled
@@ -198,20 +215,51 @@ class Trainer:
                     "%d data-parallel ranks, %s compute", cfg.steps, self.train_state.step,
                     cfg.local_batch_size, cfg.seq_len, cfg.gradient_accumulation_steps,
                     self.parallel_dims.dp_degree, str(self.compute_dtype).removeprefix("torch."))
-        while self.train_state.step < cfg.steps:
-            self.train_state.step += 1
-            self.train_step()
-            self.checkpointer.maybe_save(self.train_state.step, last_step=self.train_state.step == cfg.steps)
-        self.metrics.close()
-        if self.rank == 0:
-            self.write_losses()
+        self.preemption.install()
+        try:
+            while self.train_state.step < cfg.steps:
+                self.train_state.step += 1
+                self.train_step()
+                if self.end_of_step():
+                    break
+        finally:
+            # on every way out: the save in flight is committed, losses.json covers every step trained
+            self.preemption.close()
+            self.checkpointer.close()
+            self.metrics.close()
+            if self.rank == 0:
+                self.loss_history.write(self.losses)
 
-    def write_losses(self):
-        """losses.json: {step: loss} of the steps this process trained (for loss comparisons)."""
-        first = self.train_state.step - len(self.losses) + 1
-        losses = {first + i: loss.item() for i, loss in enumerate(self.losses)}
-        with open(os.path.join(self.cfg.job.dump_folder, "losses.json"), "w") as f:
-            json.dump(losses, f, indent=0)
+    def end_of_step(self) -> bool:
+        """Checkpoint (and export) when due, or when a preemption signal asks for it; returns whether
+        the run stops here."""
+        step, ckpt = self.train_state.step, self.cfg.checkpoint
+        last = step == self.cfg.training.steps
+        preempted = self.preemption.requested()
+        save = self.checkpointer.due(step, last) or (preempted and ckpt.enable)
+        if save or (last and ckpt.export_hf_path):
+            self.check_finite(step)
+        if save:
+            self.checkpointer.save(step, wait=last or preempted, last_step=last)
+            if self.rank == 0:
+                self.loss_history.write(self.losses)
+        else:
+            self.checkpointer.poll()
+        if last and ckpt.export_hf_path:
+            self.checkpointer.export_hf(ckpt.export_hf_path)
+        if preempted:
+            saved = f"saved checkpoint step-{step}" if ckpt.enable else "checkpoint.enable = false: nothing saved"
+            logger.warning("preempted (%s) at step %d: %s; run the same command to resume",
+                           self.preemption.signal_name or "a signal on another rank", step, saved)
+        return preempted
+
+    def check_finite(self, step: int):
+        """Nothing non-finite is checkpointed: raises NonFiniteError if the run must stop."""
+        self.train_state.nonfinite_skips = self.nonfinite.poll()
+        if not parameters_are_finite(self.model_parts):
+            raise NonFiniteError(f"step {step}: the parameters hold NaN or inf although every step's loss and "
+                                 f"gradient norm were finite (an update overflowed); not checkpointed. Resume "
+                                 f"from the latest checkpoint with a lower optimizer.lr")
 
     def prepare_batch(self, mb: dict) -> dict:
         """Host work on a loader batch before it goes to the device: its facts for throughput and
@@ -230,7 +278,7 @@ class Trainer:
             # the graph's outputs are rewritten by the next replay
             loss, grad_norm = (t.clone() for t in self.step_graph(inputs))
         else:
-            loss, grad_norm = self.device_step(microbatches)
+            loss, grad_norm = self.device_step(microbatches)  # the global loss
         if self.train_state.step < cfg.steps:
             self.batches.prefetch()  # while the device works through the step just launched
         for lr_scheduler in self.lr_schedulers:
@@ -247,22 +295,19 @@ class Trainer:
         self.metrics.record_step(tokens=sum(s.tokens for s in shapes) / share, flops=flops,
                                  data_stats=data_stats, skipped=[ref for mb in microbatches for ref in mb["skipped"]],
                                  data_wait_s=data_wait_s)
-        if self.loss_group is not None:
-            dist.all_reduce(loss, group=self.loss_group)  # a collective, not a host sync
-        if self.pp_group is not None:
-            dist.all_reduce(loss, group=self.pp_group)  # only the last stage's is not zero
         self.losses.append(loss)
         if self.metrics.should_log(step):
+            skipped_steps = self.nonfinite.poll()  # the log line's device read; raises if the run must stop
             data_totals = self.metrics.data_totals
             if self.dp_group is not None:
                 data_totals = sum_across_ranks(data_totals, self.dp_group)
             self.metrics.log(step, loss=loss.item(), grad_norm=grad_norm.item(), data_totals=data_totals,
-                             lr=self.lr_schedulers[0].get_last_lr()[0],
+                             lr=self.lr_schedulers[0].get_last_lr()[0], skipped_steps=skipped_steps,
                              row_slots=cfg.seq_len * cfg.local_batch_size * cfg.gradient_accumulation_steps)
 
     def device_step(self, microbatches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward of every microbatch, gradient clipping, optimizer: (loss, grad norm).
-        No host syncs: this is what ``compile.cuda_graph`` captures."""
+        """Forward and backward of every microbatch, gradient clipping, optimizer: (global loss, grad
+        norm). No host syncs: this is what ``compile.cuda_graph`` captures."""
         # loss = sum of token losses / valid label tokens of the whole global batch
         num_labels = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches).float().to(self.device)
         if self.loss_group is not None:
@@ -271,8 +316,16 @@ class Trainer:
         forward_backward = self.pipeline_forward_backward if self.pp_schedule else self.forward_backward
         for mb in microbatches:
             loss += forward_backward(mb, num_labels)
+        # collectives, not host syncs: every rank holds the global loss before the non-finite check
+        if self.loss_group is not None:
+            dist.all_reduce(loss, group=self.loss_group)
+        if self.pp_group is not None:
+            dist.all_reduce(loss, group=self.pp_group)  # only the last stage's is not zero
         params = [p for part in self.model_parts for p in part.parameters()]
+        self.nonfinite.poison_drill_gradients(params)
         grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm, pp_group=self.pp_group)
+        # a NaN / inf loss or gradient norm drops the update below, on the device (train/nonfinite.py)
+        self.nonfinite.check(loss, grad_norm)
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -416,6 +469,11 @@ def sum_across_ranks(counts: dict, group) -> dict:
     return total
 
 
+def gloo_group():
+    """A new CPU (gloo) group of every rank, or None in a single process (a collective call)."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the process group when launched by torchrun; a plain run is a single process."""
     if torch.cuda.is_available():
@@ -430,10 +488,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def setup_logging(rank: int):
+def setup_logging(rank: int, dump_folder: str):
+    """Rank 0 logs to the console and appends to dump_folder/train.log (every run of the folder)."""
+    handlers = [logging.StreamHandler()]
+    if rank == 0:
+        os.makedirs(dump_folder, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(dump_folder, "train.log")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        force=True)
+                        handlers=handlers, force=True)
 
 
 def set_determinism(seed: int, deterministic: bool):
@@ -460,16 +523,23 @@ def main(argv: list[str]) -> int:
         print(to_toml(cfg))
         return 0
     try:
-        trainer = Trainer(cfg)
-    except (ConfigError, ParallelismError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
-        trainer.train()
+        Trainer(cfg).train()
+    except TrainingComplete as e:
+        logger.info("%s", e)
+        return EXIT_CODES["done"]
+    except (ConfigError, ParallelismError, DataError) as e:
+        print(f"{'data' if isinstance(e, DataError) else 'config'} error: {e}", file=sys.stderr)
+        return EXIT_CODES["config"]
+    except NonFiniteError as e:
+        print(f"non-finite values: {e}", file=sys.stderr)
+        return EXIT_CODES["nonfinite"]
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return EXIT_CODES["checkpoint"]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return EXIT_CODES["done"]
 
 
 if __name__ == "__main__":

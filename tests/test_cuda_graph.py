@@ -42,7 +42,8 @@ def test_resume_keeps_the_running_jobs_optimizer_kernels(tiny_cfg):
     import train
     train_losses(tiny_cfg("--training.steps", "3", "--checkpoint.interval", "3",
                           "--optimizer.implementation", "fused"))
-    trainer = train.Trainer(tiny_cfg("--training.steps", "4", "--optimizer.implementation", "foreach"))
+    trainer = train.Trainer(tiny_cfg("--training.steps", "4", "--optimizer.implementation", "foreach",
+                                     "--training.nonfinite", "stop"))  # "skip" needs the fused kernel
     assert trainer.train_state.step == 3
     groups = trainer.optimizers[0].param_groups
     assert all(g["foreach"] and not g["fused"] for g in groups)
@@ -63,3 +64,29 @@ def test_cuda_graph_steps_match_normal_steps_and_resume_exactly(tmp_path):
                                      "--checkpoint.interval", "4", "--checkpoint.load_step", "4"))
     print("resumed", resumed)
     assert resumed == graphed[4:]
+
+
+@needs_cuda
+def test_a_non_finite_step_inside_the_cuda_graph_leaves_the_state_bit_identical(tmp_path, monkeypatch):
+    """NaN gradients at step 5, a replay of the graph captured at step 3: parameters, AdamW moments
+    and step counts after it equal those after step 4 bit for bit, the skip is counted, and step 6
+    trains again."""
+    import train
+    from test_reliability import optimizer_snapshot
+    from titan_mm.train.nonfinite import DRILL_NAN_STEPS
+    monkeypatch.setenv(DRILL_NAN_STEPS, "5")
+    trainer = train.Trainer(graph_cfg(tmp_path, "--training.steps", "6", "--compile.cuda_graph", "true",
+                                      "--checkpoint.enable", "false"))
+
+    def step():
+        trainer.train_state.step += 1
+        trainer.train_step()
+
+    for _ in range(4):
+        step()
+    before = optimizer_snapshot(trainer)
+    step()
+    assert all(torch.equal(a, b) for a, b in zip(before, optimizer_snapshot(trainer)))
+    assert trainer.nonfinite.poll() == 1
+    step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, optimizer_snapshot(trainer)))

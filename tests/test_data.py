@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+import signal
 
 import pytest
 import torch
@@ -173,6 +174,25 @@ def test_loader_shards_differ_across_ranks(tokenizer):
 def test_a_file_whose_samples_are_all_bad_stops_with_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="every sample of this rank's shard was skipped"):
         next(iter(loader(tokenizer, path=f"{DATA}/interleaved.jsonl", dataset="captions")))
+
+
+def test_a_row_too_short_for_every_sample_stops_with_a_message_instead_of_spinning(tokenizer):
+    """training.seq_len = 8: every caption is overlong and skipped at packing time. The loader used
+    to skip forever at 100% CPU; now a full pass over the data without one placed document ends it
+    (two passes over 600 samples here, a few seconds; SIGALRM fails the test if it spins)."""
+    from titan_mm.data.documents import DataError
+
+    def spinning(signum, frame):
+        raise TimeoutError("the loader is still skipping samples after 120 s")
+
+    previous = signal.signal(signal.SIGALRM, spinning)
+    signal.alarm(120)
+    try:
+        with pytest.raises(DataError, match=r"no sample fits a row: .*'overlong': \d+.*training.seq_len=8"):
+            next(iter(loader(tokenizer, seq_len=8)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_image_budget_that_cannot_fit_is_a_clear_error(tokenizer):

@@ -60,6 +60,10 @@ class Source:
         self.docs, self.position = docs, 0
         self.stats, self.skipped = Counter(), []
 
+    @property
+    def epoch(self) -> int:
+        return self.position // len(self.docs)
+
     def __iter__(self):
         while True:
             i = self.position % len(self.docs)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import load_script, make_config, train_losses
 from titan_mm.train.lr_scheduler import lr_multiplier
-from titan_mm.config import LRScheduler
+from titan_mm.config import ConfigError, LRScheduler
 
 
 def test_resume_after_stop_gives_identical_losses(tiny_cfg):
@@ -34,7 +34,7 @@ def test_resume_picks_latest_checkpoint_and_keeps_latest_k(tiny_cfg):
 
 
 def test_missing_load_step_is_a_clear_error(tiny_cfg):
-    with pytest.raises(FileNotFoundError, match="checkpoint.load_step=5 not found"):
+    with pytest.raises(ConfigError, match="checkpoint.load_step=5 not found"):
         train_losses(tiny_cfg("--training.steps", "3", "--checkpoint.load_step", "5"))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import sys
 import textwrap
 import types
@@ -143,6 +144,15 @@ class Training:
     """Clip the global gradient norm to this value (0 disables clipping)."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute dtype: auto = bf16 on GPU, fp32 on CPU. Parameters and optimizer stay fp32."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A step whose loss or gradient norm is NaN or inf (checked on the device, read by the host at
+    log steps and checkpoints; docs/reliability.md): skip = drop its update, leaving parameters and
+    optimizer state bit-identical, count it, and stop after nonfinite_max_consecutive of them in a
+    row; stop = end the run at the first one. A stopped run exits with code 3 naming the step, and
+    nothing after the last finite step is checkpointed. skip needs the fused AdamW kernel
+    (optimizer.implementation = auto or fused), which takes the flag on the device."""
+    nonfinite_max_consecutive: int = 5
+    """nonfinite = "skip": stop the run after this many non-finite steps in a row."""
 
 
 @dataclass
@@ -160,7 +170,8 @@ class Optimizer:
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matrices only (not norms, biases or embeddings)."""
     implementation: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
-    """AdamW kernel: auto = fused on GPU, foreach on CPU."""
+    """AdamW kernel: auto = fused (GPU and CPU alike: its found_inf input is how training.nonfinite =
+    "skip" drops a step without a host sync)."""
 
 
 @dataclass
@@ -185,13 +196,27 @@ class Checkpoint:
     """Save every this many steps; the last step is always saved."""
     keep_latest_k: int = 3
     """Delete older checkpoints, keeping this many (0 keeps all)."""
+    resume: Literal["auto", "never", "require"] = "auto"
+    """auto = continue from the newest good checkpoint of the dump folder if it has one, else start
+    from the initial weights; require = the same, but a folder without a checkpoint is an error (a
+    requeued job must not start over); never = start from the initial weights, and a folder that
+    already holds checkpoints is an error (pick a fresh job.dump_folder). Either way a checkpoint
+    this config cannot continue (another model, data-parallel layout or starting point, or more
+    steps done than training.steps) is refused before the model is built (docs/reliability.md)."""
     load_step: int = -1
-    """Resume from this step; -1 resumes from the latest checkpoint if one exists."""
+    """Resume from this step (a damaged one is an error); -1 = the newest good checkpoint (a damaged
+    newest one is reported and the one before it used). Checkpoints after load_step belong to the
+    abandoned continuation: they are renamed step-N.superseded."""
+    async_save: bool = True
+    """Write checkpoints in a background thread: the step waits only while this rank's state is
+    copied to host memory (which keeps a second copy of it), not for the disk. The last step and a
+    preemption save wait for the write to finish."""
     initial_load_path: str = ""
-    """Start from these weights (a DCP folder with model weights only) when there is nothing to resume."""
+    """Start from these weights (a DCP folder with model weights only) when there is nothing to
+    resume. A checkpoint in the dump folder from a run that started elsewhere is refused."""
     initial_load_hf_path: str = ""
     """Start from this HF folder (safetensors + config.json of the family's HF architecture) when there
-    is nothing to resume; each rank reads only its own shards."""
+    is nothing to resume, like initial_load_path; each rank reads only its own shards."""
     export_hf_path: str = ""
     """At the last step, also write the weights as an HF folder (sharded safetensors, index,
     config.json) here; empty = no HF export."""
@@ -303,7 +328,8 @@ class JobConfig:
 _POSITIVE = {
     "data.image_slots_per_row", "data.patches_per_slot", "data.min_pixels", "data.max_pixels",
     "data.pack_open_bins", "data.shuffle_buffer", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
-    "training.gradient_accumulation_steps", "optimizer.lr", "checkpoint.interval",
+    "training.gradient_accumulation_steps", "training.nonfinite_max_consecutive", "optimizer.lr",
+    "checkpoint.interval",
     "metrics.log_freq", "parallelism.tensor_parallel_degree", "parallelism.pipeline_parallel_degree",
     "parallelism.pipeline_parallel_stages_per_rank",
 }
@@ -321,12 +347,19 @@ def _check_values(cfg: JobConfig) -> list[str]:
         for f in dataclasses.fields(getattr(cfg, section.name)):
             key = f"{section.name}.{f.name}"
             value = getattr(getattr(cfg, section.name), f.name)
+            if f.type in ("float", "list[float]") and not all(map(math.isfinite, _as_list(value))):
+                errors.append(f"{key} = {value!r} must be a finite number")
+                continue
             if key in _POSITIVE and not value > 0:
                 errors.append(f"{key} = {value!r} must be > 0")
             if key in _NON_NEGATIVE and not (value == "auto" or value >= 0):
                 errors.append(f"{key} = {value!r} must be >= 0")
             if key in _UNIT_INTERVAL and not 0 <= value <= 1:
                 errors.append(f"{key} = {value!r} must be in [0, 1]")
+    if cfg.training.nonfinite == "skip" and cfg.optimizer.implementation in ("foreach", "for-loop"):
+        errors.append(f"training.nonfinite = \"skip\" drops a step inside the fused AdamW kernel, but "
+                      f"optimizer.implementation = {cfg.optimizer.implementation!r}; set it to \"fused\" or "
+                      f"\"auto\", or set training.nonfinite = \"stop\"")
     if cfg.data.min_pixels > cfg.data.max_pixels:
         errors.append(f"data.min_pixels = {cfg.data.min_pixels} exceeds data.max_pixels = "
                       f"{cfg.data.max_pixels}; lower min_pixels or raise max_pixels")
@@ -346,6 +379,10 @@ def _check_values(cfg: JobConfig) -> list[str]:
     if cfg.parallelism.pipeline_parallel_microbatches == 0 or cfg.parallelism.pipeline_parallel_microbatches < -1:
         errors.append("parallelism.pipeline_parallel_microbatches must be -1 (one per row) or >= 1")
     return errors
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def _check_mixture(data: Data) -> list[str]:

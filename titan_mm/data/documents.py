@@ -12,6 +12,11 @@ from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.data.video import load_video, video_frame_processor
 
 
+class DataError(ValueError):
+    """The data cannot make a batch at all (every sample of a full pass skipped, an empty shard): the
+    run stops with this message (exit code 2) instead of waiting forever."""
+
+
 class SampleError(Exception):
     """A sample that cannot be turned into a document; it is skipped and counted under ``kind``."""
 

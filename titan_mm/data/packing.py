@@ -21,7 +21,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 
-from titan_mm.data.documents import Document, Image, SampleError
+from titan_mm.data.documents import DataError, Document, Image, SampleError
 from titan_mm.data.sources import MAX_SKIPS_REPORTED, count_skip
 
 IGNORE_INDEX = -100
@@ -122,14 +122,28 @@ class BestFitPacker(IterableDataset, Stateful):
         self.skipped: list[str] = []
 
     def __iter__(self):
+        # the source's pass during which a document last went into a row (as if the current one)
+        placed_in_pass = self.source.epoch
         for ref, doc in self.source:
             sizes = document_item_sizes(doc)
             if self._check_fits_a_row(doc, sizes):
+                placed_in_pass = self.source.epoch
                 row = self._place(ref, doc, sizes)
                 if row is not None:
                     yield row
+            elif self.source.epoch > placed_in_pass + 1:
+                raise self._nothing_fits()
         while self.bins:  # a finite source: flush what is left, fullest first
             yield self._emit(max(self.bins, key=self._fill))
+
+    def _nothing_fits(self) -> DataError:
+        """A whole pass over the source put no document into a row: the skips would go on forever."""
+        s = self.shape
+        return DataError(
+            f"no sample fits a row: a full pass over the data skipped every document ({dict(self.stats)}; "
+            f"e.g. {self.skipped[-1] if self.skipped else '-'}). Rows hold training.seq_len={s.seq_len} tokens "
+            f"and data.image_slots_per_row={s.image_slots} slots of data.patches_per_slot={s.patches_per_slot} "
+            f"patches: raise those to fit the data")
 
     def _fill(self, b: Bin) -> float:
         """How full a row is in its fuller budget: best fit in whichever of tokens and patches

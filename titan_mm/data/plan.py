@@ -58,6 +58,8 @@ class CycledSample:
         self.skipped: list[str] = []
         self.done = False
         self.yielded = 0
+        self.epoch = 0
+        """Passes made (a packer source counts them)."""
 
     def __iter__(self):
         order = list(range(len(self.docs)))
@@ -66,6 +68,7 @@ class CycledSample:
             for i in order:
                 self.yielded += 1
                 yield i, self.docs[i]
+            self.epoch = p + 1
         self.done = True
 
 

@@ -2,7 +2,8 @@
 worker; weighted mixtures of sources. (Webdataset .tar shards: titan_mm/data/webdataset.py; the
 file formats: titan_mm/data/formats.py; records -> documents: titan_mm/data/samples.py.)
 
-A source yields ``(ref, Document)``; ``load(ref)`` rebuilds the document. Bad samples are skipped,
+A source yields ``(ref, Document)``; ``load(ref)`` rebuilds the document; ``epoch`` counts the full
+passes made (the packer stops a run in which a whole pass fits nothing). Bad samples are skipped,
 counted in ``stats`` by reason, and their references kept in ``skipped`` until the packer reports
 them. A source's position is its whole state, so resume is exact.
 """
@@ -19,7 +20,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from titan_mm.config import ConfigError
-from titan_mm.data.documents import Document, DocumentBuilder, SampleError
+from titan_mm.data.documents import DataError, Document, DocumentBuilder, SampleError
 from titan_mm.data.formats import open_record_file
 from titan_mm.data.samples import SampleDecoder
 
@@ -164,7 +165,7 @@ class StreamingSource:
                     produced += 1
                     yield item
             if produced == 0 and full_pass:
-                raise ValueError(f"{self.path}: every sample of this rank's shard was skipped or the "
+                raise DataError(f"{self.path}: every sample of this rank's shard was skipped or the "
                                  f"shard is empty ({dict(self.stats)}); check data.dataset={self.kind!r}, "
                                  f"the files, and that there are more samples than dp ranks x workers")
             self.epoch, self.unit_pos, self.walked, self.draws = self.epoch + 1, 0, 0, 0
@@ -228,6 +229,9 @@ class StreamingSource:
 class ListSource:
     """A finite, in-order source over ready-made documents (evaluation and tests)."""
 
+    epoch = 0
+    """Full passes made (a ListSource makes one)."""
+
     def __init__(self, docs: list[Document]):
         self.docs = docs
         self.stats: Counter = Counter()
@@ -269,6 +273,11 @@ class MixtureSource:
         self.draws = 0
         self.stats: Counter = Counter()
         self.skipped: list[str] = []
+
+    @property
+    def epoch(self) -> int:
+        """Full passes made over every source."""
+        return min(s.epoch for s in self.sources)
 
     def _draw(self) -> int:
         info = get_worker_info()

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from titan_mm.config import ConfigError
-from titan_mm.data.documents import Document, DocumentBuilder, SampleError
+from titan_mm.data.documents import DataError, Document, DocumentBuilder, SampleError
 from titan_mm.data.sources import count_skip
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -110,7 +110,7 @@ class WebDatasetSource:
                         yield (shards[self.shard_pos], sample.offset), doc
                 self.shard_pos, self.sample_pos = self.shard_pos + 1, 0
             if produced == 0 and full_pass:
-                raise ValueError(f"{self.path}: no usable sample for dp rank {self.dp_rank} in "
+                raise DataError(f"{self.path}: no usable sample for dp rank {self.dp_rank} in "
                                  f"{len(shards)} shards ({dict(self.stats)}); check the shards, or "
                                  f"use fewer loader workers")
             self.epoch, self.shard_pos = self.epoch + 1, 0

@@ -8,11 +8,13 @@ names. A model-only export holds the weights alone. With the
 family's HF adapter, a run can also start from an HF folder and write one at its last step.
 """
 
+import errno
 import logging
 import os
-import re
+import pickle
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -20,15 +22,30 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from titan_mm.config import Checkpoint as CheckpointConfig
 from titan_mm.config import ConfigError
 from titan_mm.hf.io import load_hf_weights, save_hf_weights
+from titan_mm.train.manifest import ChecksummingWriter, commit, fsync_folder, saved_steps, step_folder
 
 logger = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+DRILL_ENOSPC_STEP = "TITAN_MM_DRILL_ENOSPC_STEP"
+"""Drill hook (scripts/fault_drill.py, tests): the save of this step fails with ENOSPC, as on a full disk."""
+
+
+DCP_ERRORS = (Exception, CheckpointException)
+"""What a failed DCP save or load raises (its CheckpointException derives from BaseException)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or loaded (exit code 4); the message names the step and the fix."""
+
+
+def checkpoint_folder(cfg: CheckpointConfig, dump_folder: str) -> str:
+    return os.path.join(dump_folder, cfg.folder)
 
 
 class ModelState(Stateful):
@@ -108,16 +125,18 @@ class LRSchedulerState(Stateful):
 
 
 class RankLocalState(Stateful):
-    """State of one data-parallel rank (dataloader position, RNG) stored under a rank-specific key."""
+    """State of one data-parallel rank (dataloader position, RNG) stored under a rank-specific key,
+    as one pickled blob: its structure (open packer rows, buffered records, skip counts) changes
+    from save to save, and an async save copies the state into the same host buffers every time."""
 
     def __init__(self, get, set_):
         self.get, self.set = get, set_
 
     def state_dict(self):
-        return self.get()
+        return {"state": pickle.dumps(self.get())}
 
     def load_state_dict(self, state_dict):
-        self.set(state_dict)
+        self.set(pickle.loads(state_dict["state"]))
 
 
 def rng_state() -> dict:
@@ -136,10 +155,13 @@ def set_rng_state(state: dict):
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model_parts: list[torch.nn.Module],
                  optimizers: list, lr_schedulers: list, data_states: dict[str, Stateful],
-                 train_state: Stateful, rank: int, dp_rank: int, hf_adapter=None, model_args=None):
+                 train_state: Stateful, rank: int, dp_rank: int, job: dict, group=None, hf_adapter=None,
+                 model_args=None):
         """model_parts: the whole model, or this rank's pipeline stages; one optimizer and LR
         scheduler per part. data_states: this rank's data position by checkpoint key
-        (titan_mm/data/dataloader.py:data_states).
+        (titan_mm/data/dataloader.py:data_states). job: what the manifest records of the run
+        (train/resume.py); group: a gloo group of every rank for DCP's collectives (None: a single
+        process).
 
         Dataloader and RNG states are keyed by data-parallel rank: the ranks that read the same data
         (tensor- and pipeline-parallel peers) hold the same loader state and one copy is kept, so a
@@ -147,8 +169,16 @@ class CheckpointManager:
         Their RNG states are taken to be interchangeable (training draws no random numbers after
         initialisation)."""
         self.cfg = cfg
-        self.folder = os.path.join(dump_folder, cfg.folder)
-        self.rank = rank
+        self.folder = checkpoint_folder(cfg, dump_folder)
+        self.rank, self.job, self.group = rank, job, group
+        # one writer for every save: with async saves it keeps the host copy of the state between them
+        # (pinned, which needs a GPU)
+        self.writer = ChecksummingWriter(self.folder,
+                                         cache_staged_state_dict=cfg.async_save and torch.cuda.is_available())
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if cfg.async_save else None
+        self.pending: tuple[int, Future] | None = None
+        """(step, the save in flight): its write and, on rank 0, its commit."""
+        self.drill_enospc_step = int(os.environ.get(DRILL_ENOSPC_STEP, "0"))
         self.model_parts = model_parts
         self.hf_adapter, self.model_args = hf_adapter, model_args
         if cfg.initial_load_hf_path or cfg.export_hf_path:
@@ -166,35 +196,89 @@ class CheckpointManager:
             "train_state": train_state,
             f"rng_dp{dp_rank}": RankLocalState(rng_state, set_rng_state),
         }
-        self.states.update(data_states)
+        self.states.update({key: RankLocalState(state.state_dict, state.load_state_dict)
+                            for key, state in data_states.items()})
 
-    def step_folder(self, step: int) -> str:
-        return os.path.join(self.folder, f"step-{step}")
+    def due(self, step: int, last_step: bool) -> bool:
+        return self.cfg.enable and (last_step or step % self.cfg.interval == 0)
 
-    def saved_steps(self) -> list[int]:
-        if not os.path.isdir(self.folder):
-            return []
-        steps = [int(m.group(1)) for d in os.listdir(self.folder) if (m := _STEP_DIR.match(d))
-                 and os.path.isfile(os.path.join(self.folder, d, ".metadata"))]
-        return sorted(steps)
-
-    def maybe_save(self, step: int, last_step: bool):
-        if self.cfg.enable and (last_step or step % self.cfg.interval == 0):
-            self.save(step, last_step)
-        if last_step and self.cfg.export_hf_path:
-            self.export_hf(self.cfg.export_hf_path)
-
-    def save(self, step: int, last_step: bool):
+    def save(self, step: int, *, wait: bool, last_step: bool = False):
+        """Write checkpoint step-N: to step-N.partial, renamed step-N with its manifest once every
+        rank's files are written. Async (checkpoint.async_save): the step waits for the copy to host
+        memory only, unless ``wait``. One save is in flight at a time."""
+        self.wait()
+        partial = step_folder(self.folder, step) + ".partial"
+        self.writer.fail_with_enospc = step == self.drill_enospc_step
         start = time.perf_counter()
-        dcp.save(self.states, checkpoint_id=self.step_folder(step))
-        logger.info("saved checkpoint step-%d in %.1fs", step, time.perf_counter() - start)
+        try:
+            if self.executor is None:
+                dcp.save(self.states, checkpoint_id=partial, storage_writer=self.writer, process_group=self.group)
+                written = Future()
+                written.set_result(None)
+            else:
+                written = dcp.async_save(self.states, checkpoint_id=partial, storage_writer=self.writer,
+                                         process_group=self.group)
+        except DCP_ERRORS as e:
+            raise self.save_error(step, e) from e
+        stall = time.perf_counter() - start
+        run = _run_now if self.executor is None else self.executor.submit
+        self.pending = (step, run(self._commit_when_written, written, step, start))
+        logger.info("checkpoint step-%d: the step waited %.2fs%s", step, stall,
+                    " (copy to host memory; written in the background)" if self.executor else "")
+        if wait:
+            self.wait()
         if last_step and self.cfg.export_model_only:
             self.export_model(os.path.join(self.folder, f"model-step-{step}"))
-        self._purge_old()
+
+    def _commit_when_written(self, written: Future, step: int, start: float):
+        written.result()
+        if self.rank == 0:
+            commit(step_folder(self.folder, step) + ".partial", step_folder(self.folder, step), step, self.job)
+            self._purge_old()
+        logger.info("saved checkpoint step-%d in %.1fs", step, time.perf_counter() - start)
+
+    def wait(self):
+        """Finish the save in flight (its write and commit); a failure raises CheckpointError."""
+        if self.pending is None:
+            return
+        (step, future), self.pending = self.pending, None
+        try:
+            future.result()
+        except DCP_ERRORS as e:
+            raise self.save_error(step, e) from e
+
+    def poll(self):
+        """Report a failed background save as soon as it is known (no waiting)."""
+        if self.pending is not None and self.pending[1].done():
+            self.wait()
+
+    def save_error(self, step: int, error: Exception) -> CheckpointError:
+        partial = step_folder(self.folder, step) + ".partial"
+        full = _mentions_no_space(error) or _no_space_left(self.folder)
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # frees what the failed save took
+        steps = saved_steps(self.folder)
+        kept = (f"the newest good checkpoint, step-{steps[-1]}, is intact" if steps
+                else "there is no earlier checkpoint")
+        if full:
+            free = shutil.disk_usage(self.folder).free / 2**20
+            return CheckpointError(
+                f"disk full: checkpoint step-{step} does not fit in {self.folder} ({free:.0f} MiB free "
+                f"now that the partial write is removed); {kept}. Free space (or lower "
+                f"checkpoint.keep_latest_k, or move job.dump_folder), then run again to resume")
+        last_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        return CheckpointError(f"checkpoint step-{step} could not be written to {self.folder}: {last_line}; {kept}")
 
     def export_model(self, path: str):
-        """Model weights alone (full fp32 tensors), loadable by initial_load_path or conversion."""
-        dcp.save({"model": ModelState(self.model_parts)}, checkpoint_id=path)
+        """Model weights alone (full fp32 tensors), loadable by initial_load_path or conversion;
+        written next to ``path`` and renamed into place once complete."""
+        partial = path + ".partial"
+        dcp.save({"model": ModelState(self.model_parts)}, checkpoint_id=partial, process_group=self.group)
+        if self.rank == 0:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.rename(partial, path)
+            fsync_folder(self.folder)
         logger.info("exported model weights to %s", path)
 
     def export_hf(self, path: str):
@@ -205,38 +289,77 @@ class CheckpointManager:
         save_hf_weights(model, self.hf_adapter, self.model_args, path, dtype=dtype)
         logger.info("exported HF weights to %s in %.1fs", path, time.perf_counter() - start)
 
-    def load(self) -> int:
-        """Resume from load_step or the latest checkpoint; else the initial weights. Returns the step."""
-        if not self.cfg.enable:
+    def load(self, step: int | None):
+        """Load checkpoint ``step`` (chosen and verified by train/resume.py), or the initial weights."""
+        if step is None:
             self.load_initial_weights()
-            return 0
-        steps = self.saved_steps()
-        if self.cfg.load_step >= 0:
-            if self.cfg.load_step not in steps:
-                raise FileNotFoundError(f"checkpoint.load_step={self.cfg.load_step} not found in "
-                                        f"{self.folder} (saved steps: {steps})")
-            step = self.cfg.load_step
-        elif steps:
-            step = steps[-1]
-        else:
-            self.load_initial_weights()
-            return 0
-        dcp.load(self.states, checkpoint_id=self.step_folder(step))
+            return
+        folder = step_folder(self.folder, step)
+        try:
+            dcp.load(self.states, checkpoint_id=folder, process_group=self.group)
+        except DCP_ERRORS as e:
+            last_line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"checkpoint step-{step} ({folder}) matches its checksums but does not load into this job: "
+                f"{last_line}. Set checkpoint.load_step to another saved step, or use a fresh "
+                f"job.dump_folder if the model changed") from e
         logger.info("resumed from checkpoint step-%d", step)
-        return step
 
     def load_initial_weights(self):
         """initial_load_path (DCP, model only) or initial_load_hf_path (HF folder), if set."""
         if self.cfg.initial_load_path:
-            dcp.load({"model": ModelState(self.model_parts)}, checkpoint_id=self.cfg.initial_load_path)
+            dcp.load({"model": ModelState(self.model_parts)}, checkpoint_id=self.cfg.initial_load_path,
+                     process_group=self.group)
             logger.info("loaded initial weights from %s", self.cfg.initial_load_path)
         elif self.cfg.initial_load_hf_path:
             (model,) = self.model_parts  # pipeline parallelism refuses HF loading up front
             load_hf_weights(model, self.hf_adapter, self.cfg.initial_load_hf_path)
             logger.info("loaded initial weights from HF folder %s", self.cfg.initial_load_hf_path)
 
+    def close(self):
+        """Finish the save in flight, if any (on every exit path: the newest checkpoint is committed)."""
+        try:
+            self.wait()
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown()
+
     def _purge_old(self):
-        if self.cfg.keep_latest_k <= 0 or self.rank != 0:
+        """keep_latest_k, counted among committed checkpoints only: the newest is never removed."""
+        if self.cfg.keep_latest_k <= 0:
             return
-        for step in self.saved_steps()[:-self.cfg.keep_latest_k]:
-            shutil.rmtree(self.step_folder(step), ignore_errors=True)
+        for step in saved_steps(self.folder)[:-self.cfg.keep_latest_k]:
+            shutil.rmtree(step_folder(self.folder, step), ignore_errors=True)
+
+
+def _run_now(fn, *args) -> Future:
+    """``fn(*args)`` run here, its result or exception in a finished Future (as the executor's)."""
+    future = Future()
+    try:
+        future.set_result(fn(*args))
+    except DCP_ERRORS as e:
+        future.set_exception(e)
+    return future
+
+
+def _mentions_no_space(error: BaseException) -> bool:
+    """Whether the error (DCP's CheckpointException holds each rank's traceback text) says so."""
+    text = str(error)
+    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "[Errno 28]", "[Errno 122]"))
+
+
+def _no_space_left(folder: str) -> bool:
+    """Whether a small write into ``folder`` fails for lack of space (torch.save's writer reports a
+    full disk only as "unexpected pos ..."; this asks the file system)."""
+    probe = os.path.join(folder, ".space_probe")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 2**20)
+            f.flush()
+            os.fsync(f.fileno())
+        return False
+    except OSError as e:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)

@@ -1,5 +1,6 @@
 """Progress lines, TensorBoard events, throughput, MFU, peak memory and ETA."""
 
+import json
 import logging
 import os
 import resource
@@ -41,7 +42,9 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class MetricsLogger:
     def __init__(self, *, log_freq: int, total_steps: int, tb_folder: str | None, peak_tflops: float,
-                 world_size: int, device: torch.device):
+                 world_size: int, device: torch.device, start_step: int = 0):
+        """start_step: the step a resumed run continues from. TensorBoard hides the events of later
+        steps that an interrupted run wrote (purge_step), so every step shows once."""
         self.log_freq, self.total_steps = log_freq, total_steps
         self.peak_flops = peak_tflops * 1e12
         self.world_size, self.device = world_size, device
@@ -49,7 +52,7 @@ class MetricsLogger:
         if tb_folder:
             from torch.utils.tensorboard import SummaryWriter
             os.makedirs(tb_folder, exist_ok=True)
-            self.writer = SummaryWriter(tb_folder)
+            self.writer = SummaryWriter(tb_folder, purge_step=start_step + 1)
         self.data_totals: Counter = Counter()
         """This rank's data counts since the start of the run."""
         self.step_totals: Counter = Counter()
@@ -83,8 +86,10 @@ class MetricsLogger:
         self.data_totals.update(data_stats)
         self.window_skipped = (self.window_skipped + list(skipped))[-MAX_SKIPS_SHOWN:]
 
-    def log(self, step: int, *, loss: float, grad_norm: float, lr: float, row_slots: int, data_totals: dict):
-        """data_totals: counts since the start of the run, summed over data-parallel ranks."""
+    def log(self, step: int, *, loss: float, grad_norm: float, lr: float, row_slots: int, data_totals: dict,
+            skipped_steps: int = 0):
+        """data_totals: counts since the start of the run, summed over data-parallel ranks;
+        skipped_steps: non-finite steps whose update was dropped (train/nonfinite.py), since the start."""
         elapsed = time.perf_counter() - self.window_start
         tps = self.window_tokens / elapsed
         mfu = self.window_flops / elapsed / self.peak_flops if self.peak_flops else None
@@ -110,6 +115,8 @@ class MetricsLogger:
                  f"data wait {100 * data_wait:.1f}%",
                  f"skipped {sum(skipped.values())}" + (f" {dict(sorted(skipped.items()))}" if skipped else ""),
                  f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
+        if skipped_steps:
+            parts.insert(2, f"non-finite steps skipped {skipped_steps}")
         if per_source:
             parts.append("sources " + source_shares(per_source))
         logger.info("  ".join(parts))
@@ -118,7 +125,7 @@ class MetricsLogger:
         if self.writer:
             scalars = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
                        "memory_gib": mem, "pad_fraction": pad, "patch_pad_fraction": patch_pad,
-                       "data_wait_fraction": data_wait}
+                       "nonfinite_skipped_steps": skipped_steps, "data_wait_fraction": data_wait}
             if mfu:
                 scalars["mfu"] = mfu
             for k, v in scalars.items():
@@ -133,6 +140,36 @@ class MetricsLogger:
     def close(self):
         if self.writer:
             self.writer.close()
+
+
+class LossHistory:
+    """losses.json: {step: loss} of every step of the run, across resumes. A resumed run keeps the
+    file's steps up to the checkpoint it continues from and adds its own; written at each
+    checkpoint and at the end, so it always covers the newest checkpoint."""
+
+    def __init__(self, path: str, start_step: int):
+        self.path, self.start_step = path, start_step
+        self.values: list[float] = []
+        """Losses of this process's steps start_step + 1, ... read from the device so far."""
+
+    def write(self, losses: list[torch.Tensor]):
+        """``losses``: this process's per-step device losses (one device read for the new ones)."""
+        new = losses[len(self.values):]
+        if new:
+            self.values += torch.stack(new).tolist()
+        history = {step: loss for step, loss in self._read().items() if step <= self.start_step}
+        history.update({self.start_step + 1 + i: loss for i, loss in enumerate(self.values)})
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({str(k): v for k, v in sorted(history.items())}, f, indent=0)
+        os.replace(tmp, self.path)
+
+    def _read(self) -> dict[int, float]:
+        try:
+            with open(self.path) as f:
+                return {int(k): v for k, v in json.load(f).items()}
+        except (FileNotFoundError, ValueError):
+            return {}
 
 
 def source_shares(per_source: dict) -> str:

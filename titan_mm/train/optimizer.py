@@ -22,9 +22,8 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, device: torch.device
     groups = [{"params": same_mesh, "weight_decay": cfg.weight_decay if decays else 0.0}
               for decays in (True, False)
               for same_mesh in group_by_mesh([p for n, p in params if _decays(n, p) == decays])]
-    impl = cfg.implementation
-    if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "foreach"
+    # auto = fused on every device: its found_inf input drops a non-finite step (train/nonfinite.py)
+    impl = "fused" if cfg.implementation == "auto" else cfg.implementation
     kwargs = {"fused": impl == "fused", "foreach": impl == "foreach"}
     lr = torch.tensor(cfg.lr, device=device) if capturable else cfg.lr
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
