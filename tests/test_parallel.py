@@ -68,11 +68,13 @@ def seed_checkpoint(tmp_path, *overrides: str) -> str:
 
 def single_process_losses(tmp_path, dp_world: int, steps: int, seed: str, *overrides: str) -> list[float]:
     """One process that trains on what ``dp_world`` data-parallel ranks would see together: each
-    step's microbatches are rank 0's batch, rank 1's batch, ... (same global loss normalisation)."""
+    step's microbatches are rank 0's batches, rank 1's batches, ... (each rank accumulates as many as
+    ``overrides`` ask; same global loss normalisation)."""
     import train
-    cfg = make_config(tmp_path / "single", *SMALL, "--training.steps", str(steps),
-                      "--training.gradient_accumulation_steps", str(dp_world),
-                      "--checkpoint.enable", "true", "--checkpoint.initial_load_path", seed, *overrides)
+    accumulate = make_config(tmp_path / "probe", *overrides).training.gradient_accumulation_steps
+    cfg = make_config(tmp_path / "single", *SMALL, "--training.steps", str(steps), *overrides,
+                      "--training.gradient_accumulation_steps", str(dp_world * accumulate),
+                      "--checkpoint.enable", "true", "--checkpoint.initial_load_path", seed)
     trainer = train.Trainer(cfg)
     loaders = [iter(build_dataloader(cfg.data, trainer.tokenizer, trainer.model_args.vision_input,
                                      seq_len=cfg.training.seq_len, batch_size=cfg.training.local_batch_size,
@@ -81,9 +83,10 @@ def single_process_losses(tmp_path, dp_world: int, steps: int, seed: str, *overr
     def interleaved():
         while True:
             for it in loaders:
-                yield next(it)
+                for _ in range(accumulate):
+                    yield next(it)
 
-    trainer.batches = DevicePrefetcher(interleaved(), trainer.device, dp_world, trainer.prepare_batch,
+    trainer.batches = DevicePrefetcher(interleaved(), trainer.device, dp_world * accumulate, trainer.prepare_batch,
                                        states={}, read_ahead=False)
     for _ in range(steps):
         trainer.train_state.step += 1
