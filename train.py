@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from titan_mm.config import ConfigError, JobConfig, parse_args, to_toml
+from titan_mm.config import Training as TrainingConfig
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.dataloader import build_dataloader, data_states
 from titan_mm.data.documents import DataError
@@ -134,7 +135,9 @@ class Trainer:
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("model %s/%s: %.2fM parameters", spec.name, cfg.model.flavor, n_params / 1e6)
 
-        self.compute_dtype = resolve_dtype(cfg.training.mixed_precision, self.device)
+        self.compute_dtype = resolve_dtype(cfg.training, self.device)
+        if cfg.training.param_dtype == "bf16":
+            cast_parameters_(model, torch.bfloat16)  # on the meta device: before any copy or shard
         self.pp_schedule = None
         """The pipeline schedule over this rank's stages (pipeline parallelism only)."""
         if self.parallel_dims.pp_enabled:
@@ -507,10 +510,18 @@ def set_determinism(seed: int, deterministic: bool):
         torch.backends.cudnn.benchmark = False
 
 
-def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    if mixed_precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+def resolve_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype:
+    """The compute dtype: bf16 parameters compute in bf16 on every device."""
+    if cfg.mixed_precision == "auto":
+        bf16 = device.type == "cuda" or cfg.param_dtype == "bf16"
+        return torch.bfloat16 if bf16 else torch.float32
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+
+
+def cast_parameters_(model: torch.nn.Module, dtype: torch.dtype):
+    """Every parameter to ``dtype`` in place (tied parameters stay tied); buffers keep their dtypes."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
 
 
 def main(argv: list[str]) -> int:

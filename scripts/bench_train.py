@@ -37,7 +37,6 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from titan_mm.config import ConfigError, parse_args, to_toml  # noqa: E402
-from titan_mm.data.dataloader import resolve_num_workers  # noqa: E402
 from titan_mm.parallel.parallel_dims import ParallelismError  # noqa: E402
 from titan_mm.train.metrics import peak_memory_gib  # noqa: E402
 
@@ -138,7 +137,7 @@ def main(argv: list[str]) -> int:
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     result.update(warmup=opts.warmup, steps=opts.steps, model=f"{cfg.model.name}/{cfg.model.flavor}",
-                  data=cfg.data.path, seq_len=cfg.training.seq_len, data_workers=resolve_num_workers(cfg.data),
+                  data=cfg.data.path, seq_len=cfg.training.seq_len, data_workers=trainer.dataloader.num_workers,
                   device=torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu",
                   torch=torch.__version__, argv=argv, config=to_toml(cfg))
     if trainer.rank == 0:

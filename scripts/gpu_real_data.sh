@@ -9,7 +9,10 @@
 # Needs shared/bench/ (hf_vlm_baseline.py, hf_real_baseline.py) copied into the repository root;
 # torchdata, when not installed, is taken from a wheel in .whl/. Environment knobs: PYTHON (python3),
 # WARMUP (4) and STEPS (8) for bench_train, STAGES (all of: data hf_synthetic synthetic hf_real
-# captions chat qwen25), CAPTIONS (600) and CHATS (300) samples to generate.
+# captions chat qwen25; also captions_fp32, captions_varlen, synthetic_varlen), CAPTIONS (600) and
+# CHATS (300) samples to generate, DATA (OUTDIR/data) where the generated data lives, PARAM_DTYPE
+# (bf16: parameters, gradients and AdamW state in bf16, as the synthetic bench and HF keep them),
+# NUM_WORKERS (auto) loader workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu_real_data.sh OUTDIR [--cpu-smoke]}
@@ -18,7 +21,8 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 PYTHON=${PYTHON:-python3}
 STAGES=${STAGES:-data hf_synthetic synthetic hf_real captions chat qwen25}
-data="$out/data"
+data=${DATA:-$out/data}
+PARAM_DTYPE=${PARAM_DTYPE:-bf16}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if ! "$PYTHON" -c "import torchdata" 2>/dev/null; then
@@ -40,7 +44,8 @@ else
     hf_tiny=()
 fi
 # the bundled tokenizer (no HF download on the GPU machine); chats in its plain ChatML
-common=(--model.tokenizer_path assets/tokenizer --data.num_workers auto --warmup "$WARMUP" --steps "$STEPS")
+common=(--model.tokenizer_path assets/tokenizer --data.num_workers "${NUM_WORKERS:-auto}" --warmup "$WARMUP" --steps "$STEPS"
+        --training.param_dtype "$PARAM_DTYPE")
 captions=(--data.dataset captions --data.path "$data/captions/captions.jsonl")
 # captions (one image each, ~1,500 patches) pack tighter into 5 x 5120 than into the chat configs'
 # 6 x 4096 (plan_batch on the generated captions); the debug flavors keep their own
@@ -63,15 +68,23 @@ run() {  # run NAME CMD...: the command's output into OUTDIR/NAME.log, its statu
 } > "$out/env.txt" 2>&1 || true
 cat "$out/env.txt"
 
-has data && run make_data "$PYTHON" scripts/make_realistic_data.py --out "$data" --kinds captions,chat \
+has data && [ ! -s "$data/chat/chat.jsonl" ] && run make_data "$PYTHON" scripts/make_realistic_data.py --out "$data" --kinds captions,chat \
     --captions "$CAPTIONS" --chats "$CHATS"
 has hf_synthetic && run hf_synthetic env OUT="$out" "$PYTHON" shared/bench/hf_vlm_baseline.py
 has synthetic && run bench_synthetic "$PYTHON" scripts/bench.py --hf-json "$out/hf_baseline.json" --backend flex \
     --out "$out/bench_synthetic.json"
+has synthetic_varlen && run bench_synthetic_varlen "$PYTHON" scripts/bench.py --hf-json "$out/hf_baseline.json" \
+    --backend varlen --out "$out/bench_synthetic_varlen.json"
 has hf_real && run hf_real env OUT="$out" "$PYTHON" shared/bench/hf_real_baseline.py --data "$data/captions/captions.jsonl" \
     --tokenizer assets/tokenizer/tokenizer.json --bos --warmup 3 --steps "$STEPS" "${hf_tiny[@]}"
 has captions && run bench_train_qwen3_vl_captions "$PYTHON" scripts/bench_train.py "${qwen3[@]}" "${common[@]}" \
     "${captions[@]}" --activation_checkpoint.mode none --name qwen3_vl_captions --out "$out/bench_train_qwen3_vl_captions.json"
+has captions_fp32 && run bench_train_qwen3_vl_captions_fp32 "$PYTHON" scripts/bench_train.py "${qwen3[@]}" \
+    "${common[@]}" "${captions[@]}" --activation_checkpoint.mode none --training.param_dtype fp32 \
+    --name qwen3_vl_captions_fp32 --out "$out/bench_train_qwen3_vl_captions_fp32.json"
+has captions_varlen && run bench_train_qwen3_vl_captions_varlen "$PYTHON" scripts/bench_train.py "${qwen3[@]}" \
+    "${common[@]}" "${captions[@]}" --activation_checkpoint.mode none --model.attention_backend varlen \
+    --name qwen3_vl_captions_varlen --out "$out/bench_train_qwen3_vl_captions_varlen.json"
 has chat && run bench_train_qwen3_vl_chat "$PYTHON" scripts/bench_train.py "${qwen3[@]}" "${common[@]}" \
     "${chat[@]}" --activation_checkpoint.mode none --name qwen3_vl_chat --out "$out/bench_train_qwen3_vl_chat.json"
 has qwen25 && run bench_train_qwen2_5_vl_chat_op "$PYTHON" scripts/bench_train.py "${qwen25[@]}" "${common[@]}" \

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from titan_mm.config import ConfigError, Data
-from titan_mm.data.dataloader import build_dataloader, check_data_shards, data_states, resolve_num_workers
+from titan_mm.data.dataloader import (build_dataloader, check_data_shards, data_states, resolve_num_workers,
+                                      worker_memory_bytes)
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.models.llava import FLAVORS
 from titan_mm.train.prefetch import DevicePrefetcher
@@ -72,18 +73,33 @@ def test_resuming_with_another_worker_count_names_the_count_to_set():
 
 def test_auto_workers_share_this_process_cpus_among_the_local_ranks(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr("titan_mm.data.dataloader.available_host_memory", lambda: 2**40)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert resolve_num_workers(Data(num_workers="auto")) == 15
+    assert resolve_num_workers(Data(num_workers="auto"), SPEC.patch_dim) == 15
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert resolve_num_workers(Data(num_workers="auto")) == 1
+    assert resolve_num_workers(Data(num_workers="auto"), SPEC.patch_dim) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
-    assert resolve_num_workers(Data(num_workers="auto")) == 0
-    assert resolve_num_workers(Data(num_workers=3)) == 3
+    assert resolve_num_workers(Data(num_workers="auto"), SPEC.patch_dim) == 0
+    assert resolve_num_workers(Data(num_workers=3), SPEC.patch_dim) == 3
     # data shards are read in the training process: auto is 0 there, an explicit count an error
-    assert resolve_num_workers(Data(num_workers="auto", num_shards=4)) == 0
+    assert resolve_num_workers(Data(num_workers="auto", num_shards=4), SPEC.patch_dim) == 0
     assert check_data_shards(Data(num_workers="auto", num_shards=4), 2, 2) == 2
     with pytest.raises(ConfigError, match="needs data.num_workers = 0"):
         check_data_shards(Data(num_workers=2, num_shards=4), 2, 2)
+
+
+def test_auto_workers_fit_their_open_rows_in_half_the_host_memory(monkeypatch):
+    """The Qwen3-VL-2B budgets (6 x 4096 patches of 1536 values, 64 open rows) on a 16-CPU host with
+    125 GiB available: 6.4 workers' worth of open rows fit in half of it, so 6 workers, not 15."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr("titan_mm.data.dataloader.available_host_memory", lambda: 125 * 2**30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    cfg = Data(num_workers="auto", image_slots_per_row=6, patches_per_slot=4096, pack_open_bins=64)
+    assert worker_memory_bytes(cfg, 1536) == 65 * 6 * 4096 * 1536 * 4
+    assert resolve_num_workers(cfg, 1536) == 6
+    # never fewer than one worker while there are CPUs to spare
+    monkeypatch.setattr("titan_mm.data.dataloader.available_host_memory", lambda: 2**30)
+    assert resolve_num_workers(cfg, 1536) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -135,3 +135,33 @@ def test_compiled_blocks_do_not_recompile_across_steps(tmp_path):
         torch.compiler.set_stance("default")
     losses = [loss.item() for loss in trainer.losses]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_bf16_parameters_halve_the_bytes_per_parameter_and_still_train(tiny_cfg, tmp_path):
+    """training.param_dtype = bf16: parameters, gradients and AdamW moments are bf16 (8 bytes a
+    parameter instead of 16), rotary buffers keep fp32, the loss falls over 12 steps, and a fp32
+    checkpoint loads into the bf16 model."""
+    import torch
+    import train
+    fp32 = tiny_cfg("--training.steps", "4", "--checkpoint.interval", "4")
+    train_losses(fp32)
+    cfg = make_config(tmp_path / "bf16", "--training.seq_len", "256", "--data.image_slots_per_row", "10",
+                      "--training.steps", "12", "--training.param_dtype", "bf16", "--checkpoint.enable", "true",
+                      "--checkpoint.initial_load_path", os.path.join(fp32.job.dump_folder, "checkpoint", "step-4"))
+    trainer = train.Trainer(cfg)
+    assert trainer.compute_dtype == torch.bfloat16  # bf16 compute on the CPU too
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+    assert all(b.dtype == torch.float32 for b in trainer.model.buffers() if b.is_floating_point())
+    trainer.train()
+    losses = [loss.item() for loss in trainer.losses]
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+    states = [s for s in trainer.optimizers[0].state.values()]
+    assert states and all(s["exp_avg"].dtype == torch.bfloat16 == s["exp_avg_sq"].dtype for s in states)
+    param_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    state_bytes = sum(s["exp_avg"].nbytes + s["exp_avg_sq"].nbytes for s in states)
+    assert state_bytes == 2 * param_bytes
+
+
+def test_bf16_parameters_with_fp32_compute_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="param_dtype"):
+        make_config(tmp_path, "--training.param_dtype", "bf16", "--training.mixed_precision", "fp32")

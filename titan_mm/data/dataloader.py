@@ -150,16 +150,43 @@ def check_data_shards(cfg: Data, batch_size: int, dp_world: int) -> int:
     return per_rank
 
 
-def resolve_num_workers(cfg: Data) -> int:
+def resolve_num_workers(cfg: Data, patch_dim: int) -> int:
     """data.num_workers as a count: "auto" = the CPUs this process may use, shared by the ranks
     of this node, less one for the training process (0 under data.num_shards, which loads in the
-    training process)."""
+    training process), and no more than half of the available host memory can hold: each worker
+    keeps up to data.pack_open_bins partly filled rows of decoded patches (an H200 host ran out of
+    its 125 GiB with 15 workers of 5 x 5120-patch rows and 64 open rows)."""
     if cfg.num_workers != "auto":
         return cfg.num_workers
     if cfg.num_shards:
         return 0
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+    by_cpus = max(0, cpus // local_ranks - 1)
+    available = available_host_memory()
+    if available is None or by_cpus == 0:
+        return by_cpus
+    by_memory = int(available / 2 / local_ranks // worker_memory_bytes(cfg, patch_dim))
+    return max(1, min(by_cpus, by_memory))
+
+
+def worker_memory_bytes(cfg: Data, patch_dim: int) -> int:
+    """What one loader worker may hold at most: its open rows full of fp32 patches, plus one row
+    being collated."""
+    row = cfg.image_slots_per_row * cfg.patches_per_slot * patch_dim * 4
+    return (cfg.pack_open_bins + 1) * row
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def row_shape(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, seq_len: int) -> RowShape:
@@ -192,9 +219,11 @@ def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, 
         dataset = ShardRows({s: packer(s, cfg.num_shards) for s in range(first, first + per_rank)})
     else:
         dataset = packer(dp_rank, dp_world)
-    workers = resolve_num_workers(cfg)
+    workers = resolve_num_workers(cfg, spec.patch_dim)
     if cfg.num_workers == "auto":
-        logger.info("data.num_workers = auto: %d loader workers", workers)
+        logger.info("data.num_workers = auto: %d loader workers (each holds up to %.1f GiB of decoded "
+                    "patches in %d open rows)", workers, worker_memory_bytes(cfg, spec.patch_dim) / 2**30,
+                    cfg.pack_open_bins)
     return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=workers,
                               collate_fn=Collator(cfg.patches_per_slot // merge_area),
                               persistent_workers=workers > 0, pin_memory=pin_memory)
