@@ -12,6 +12,7 @@ from titan_mm.data.packing import IGNORE_INDEX, BestFitPacker, RowShape
 from titan_mm.data.sources import ListSource
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.models import get_model_spec
+from titan_mm.objectives.loss import linear_cross_entropy
 from titan_mm.train.checkpoint import ModelState
 
 
@@ -60,7 +61,9 @@ def caption_loss(cfg: JobConfig, model: torch.nn.Module, model_args, path: str, 
         batch = collate_rows([row], cfg.data.patches_per_slot // spec.merge_area)
         labels = batch.pop("labels")
         inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}  # not stats, skips
-        total += model(**inputs, labels=labels).item()  # summed loss, logits never materialised
+        # summed loss, logits never materialised
+        total += linear_cross_entropy(model(**inputs).flatten(0, 1), model.decoder.head_weight(),
+                                      labels.flatten()).item()
         count += int((labels != IGNORE_INDEX).sum())
     return total / count
 
