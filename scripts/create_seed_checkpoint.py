@@ -13,19 +13,16 @@ import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from titan_mm.config import parse_args  # noqa: E402
-from titan_mm.data.tokenizer import Tokenizer  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
-from titan_mm.objectives import args_for_objective, build_objective  # noqa: E402
+from titan_mm.objectives import objective_setup  # noqa: E402
 from titan_mm.train.checkpoint import ModelState  # noqa: E402
 
 
 def create_seed_checkpoint(cfg, out_dir: str):
     spec = get_model_spec(cfg.model.name)
-    # the model the trainer builds for this config's objective (MDLM may grow the vocabulary)
-    tokenizer = Tokenizer(cfg.model.tokenizer_path, spec.special_tokens)
-    objective = build_objective(cfg.objective, tokenizer, vocab_parallel=False, loss_parallel=False)
+    _, _, args = objective_setup(cfg)  # the trainer's model for this objective (MDLM may grow the vocabulary)
     with torch.device("meta"):
-        model = spec.model_cls(args_for_objective(spec.flavors[cfg.model.flavor], objective, tokenizer))
+        model = spec.model_cls(args)
     model.to_empty(device="cpu")
     torch.manual_seed(cfg.job.seed)
     model.init_weights()

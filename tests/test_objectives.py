@@ -121,3 +121,64 @@ def test_mdlm_parallel_layout_matches_single_process(tmp_path, nproc, dp_world, 
     """MDLM on the debug VLM (LLaVA: SigLIP2 ViT + Qwen3-style decoder, mask token added to the
     bundled tokenizer): the same masks in every layout, losses within 1e-5 relative over 5 steps."""
     assert_layout_matches_single_process(tmp_path, nproc, dp_world, [*MDLM, *model], layout)
+
+
+class LogitsModel(torch.nn.Module):
+    """A stand-in model whose 'hidden states' are its logits: it predicts ``target`` at every
+    position with confidence ``confidence[position]``, and records the input ids of every call."""
+
+    def __init__(self, target_S: torch.Tensor, confidence_S: torch.Tensor, vocab: int):
+        super().__init__()
+        self.logits_SV = torch.full((len(target_S), vocab), -10.0)
+        self.logits_SV[torch.arange(len(target_S)), target_S] = confidence_S
+        self.decoder = self
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, input_ids, **inputs):
+        self.seen.append(input_ids[0].clone())
+        return self.logits_SV[None]
+
+    def logits(self, h):
+        return h
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_sampler_unmasks_block_by_block_one_share_per_step(remasking):
+    """gen_length 8 in blocks of 4, 8 steps: one token a step, the second block stays all mask
+    until the first is done, and every position ends with the model's prediction. With
+    low_confidence the most confident masked position of the block goes first."""
+    from titan_mm.objectives.mdlm_sampler import mdlm_generate
+    mask, vocab, start = 9, 10, 2
+    target = torch.tensor([0, 1, 5, 6, 7, 8, 1, 2, 3, 4])
+    confidence = torch.tensor([0.0, 0, 1, 4, 2, 3, 8, 5, 7, 6])
+    model = LogitsModel(target, confidence, vocab)
+    ids = torch.cat([target[:start], torch.full((8,), mask)])[None]
+    out = mdlm_generate(model, {"input_ids": ids}, start, mask_id=mask, gen_length=8, steps=8, block_length=4,
+                        remasking=remasking, generator=torch.Generator().manual_seed(0))
+    assert out.tolist() == target[start:].tolist()
+    masked_per_call = [(seen[start:] == mask).long() for seen in model.seen]
+    assert [int(m.sum()) for m in masked_per_call] == [8, 7, 6, 5, 4, 3, 2, 1]
+    assert all(m[4:].all() for m in masked_per_call[:4])  # block 2 waits for block 1
+    if remasking == "low_confidence":  # block 1's confidences 1, 4, 2, 3: position 1 first, then 3
+        assert model.seen[1][start:start + 4].tolist() == [mask, 6, mask, mask]
+        assert model.seen[2][start:start + 4].tolist() == [mask, 6, mask, 8]
+
+
+def test_sampler_tokens_per_step_spread_the_remainder_first():
+    from titan_mm.objectives.mdlm_sampler import tokens_per_step
+    assert tokens_per_step(10, 4) == [3, 3, 2, 2]
+    assert tokens_per_step(2, 4) == [1, 1, 0, 0]
+
+
+def test_mdlm_generate_script_writes_captions_without_mask_tokens(tmp_path, capsys):
+    """scripts/mdlm_generate.py on a DCP model folder (the debug VLM with the mask token added):
+    one caption per held-out image, semi-autoregressive (2 blocks of 4 tokens, 4 steps), every mask
+    filled."""
+    from conftest import load_script
+    from test_parallel import seed_checkpoint
+    weights = seed_checkpoint(tmp_path, *MDLM)
+    load_script("mdlm_generate").main([
+        "--job.config_file", "train_configs/mdlm_vlm_debug.toml", "--job.dump_folder", str(tmp_path / "run"),
+        "--weights", weights, "--num", "2", "--gen_length", "8", "--steps", "4", "--block_length", "4"])
+    out = capsys.readouterr().out
+    assert out.count("reference:") == 2 and "<|mask|>" not in out, out

@@ -18,7 +18,7 @@ no further scaling.
 
 import dataclasses
 
-from titan_mm.config import ConfigError
+from titan_mm.config import ConfigError, JobConfig
 from titan_mm.config import Objective as ObjectiveConfig
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.objectives.base import Objective
@@ -54,3 +54,13 @@ def args_for_objective(model_args, objective: Objective, tokenizer: Tokenizer):
         vocab = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         decoder = dataclasses.replace(decoder, vocab_size=vocab)
     return dataclasses.replace(model_args, decoder=decoder)
+
+
+def objective_setup(cfg: JobConfig) -> tuple[Tokenizer, Objective, object]:
+    """For one process outside the trainer (seed checkpoints, evaluation, sampling): the
+    tokenizer, the objective and the model args that the trainer builds for ``cfg``."""
+    from titan_mm.models import get_model_spec
+    spec = get_model_spec(cfg.model.name)
+    tokenizer = Tokenizer(cfg.model.tokenizer_path, spec.special_tokens)
+    objective = build_objective(cfg.objective, tokenizer, vocab_parallel=False, loss_parallel=False)
+    return tokenizer, objective, args_for_objective(spec.flavors[cfg.model.flavor], objective, tokenizer)

@@ -32,9 +32,12 @@ class MDLM(Objective):
 
     def prepare(self, batch: dict, seed: int) -> dict:
         generator = torch.Generator().manual_seed(seed)
+        return self.mask_tokens(batch, self.masking_levels(batch["document_ids"], generator), generator)
+
+    def mask_tokens(self, batch: dict, t_BS: torch.Tensor, generator: torch.Generator) -> dict:
+        """``prepare`` at given masking levels (evaluation fixes t)."""
         input_ids_BS = batch["input_ids"]
         trainable_BS = trainable_tokens(batch["labels"])
-        t_BS = self.masking_levels(batch["document_ids"], generator)
         masked_BS = trainable_BS & (torch.rand(input_ids_BS.shape, generator=generator) < t_BS)
         labels_BS = torch.where(masked_BS, input_ids_BS, IGNORE_INDEX)
         return {**batch, "input_ids": torch.where(masked_BS, self.mask_id, input_ids_BS),

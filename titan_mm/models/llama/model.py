@@ -241,10 +241,10 @@ class TextModel(nn.Module):
 
 def training_flops(args: TextArgs, shape: BatchShape) -> float:
     """Matmul FLOPs of one training step (3 x forward) over valid tokens; attention counts causal
-    pairs inside each document."""
+    (bidirectional: all) pairs inside each document."""
     d = args.decoder
     q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
     linear = d.n_layers * (2 * d.dim * q_dim + 2 * d.dim * kv_dim + 3 * d.dim * d.ffn_hidden_dim)
     linear += d.dim * d.vocab_size
-    attention = d.n_layers * 2 * q_dim * shape.doc_len_sq_sum  # causal: half of 4 * S^2 * q_dim
+    attention = d.n_layers * (2 if d.causal else 4) * q_dim * shape.doc_len_sq_sum  # causal: half of 4 S^2
     return 3.0 * (2 * linear * shape.tokens + attention)

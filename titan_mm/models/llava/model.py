@@ -112,8 +112,8 @@ class LlavaModel(nn.Module):
 def training_flops(args: LlavaArgs, shape: BatchShape) -> float:
     """Matmul FLOPs of one training step (3 x forward) over valid tokens and patches.
 
-    Attention counts causal pairs inside each document for the decoder and full pairs inside each
-    image for the ViT; padding is not counted.
+    Attention counts causal (bidirectional: all) pairs inside each document for the decoder and
+    full pairs inside each image for the ViT; padding is not counted.
     """
     d, v = args.decoder, args.vision
     q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
@@ -125,6 +125,6 @@ def training_flops(args: LlavaArgs, shape: BatchShape) -> float:
     forward = (2 * decoder_linear * shape.tokens
                + 2 * vit_linear * shape.patches
                + 2 * projector * shape.patches / merge_area
-               + d.n_layers * 2 * q_dim * shape.doc_len_sq_sum  # causal: half of 4 * S^2 * q_dim
+               + d.n_layers * (2 if d.causal else 4) * q_dim * shape.doc_len_sq_sum  # causal: half of 4 S^2
                + v.n_layers * 4 * v.dim * shape.image_patches_sq_sum)
     return 3.0 * forward

@@ -258,9 +258,10 @@ class Qwen2_5_VLModel(nn.Module):
 def training_flops(args: Qwen2_5_VLArgs, shape: BatchShape) -> float:
     """Matmul FLOPs of one training step (3 x forward) over valid tokens and patches.
 
-    Decoder attention counts causal pairs inside each document. ViT full-attention layers count all
-    pairs inside each visual item (an image, or one frame of a video); window layers count one full
-    window per patch (an upper bound at image borders). Padding is not counted.
+    Decoder attention counts causal (bidirectional: all) pairs inside each document. ViT
+    full-attention layers count all pairs inside each visual item (an image, or one frame of a
+    video); window layers count one full window per patch (an upper bound at image borders).
+    Padding is not counted.
     """
     d, v = args.decoder, args.vision
     q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
@@ -276,6 +277,6 @@ def training_flops(args: Qwen2_5_VLArgs, shape: BatchShape) -> float:
     forward = (2 * decoder_linear * shape.tokens
                + 2 * vit_linear * shape.patches
                + 2 * merger * shape.patches / merge_area
-               + d.n_layers * 2 * q_dim * shape.doc_len_sq_sum  # causal: half of 4 * S^2 * q_dim
+               + d.n_layers * (2 if d.causal else 4) * q_dim * shape.doc_len_sq_sum  # causal: half of 4 S^2
                + vit_attention)
     return 3.0 * forward

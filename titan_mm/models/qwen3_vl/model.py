@@ -279,8 +279,8 @@ class Qwen3VLModel(nn.Module):
 def training_flops(args: Qwen3VLArgs, shape: BatchShape) -> float:
     """Matmul FLOPs of one training step (3 x forward) over valid tokens and patches.
 
-    Decoder attention counts causal pairs inside each document; ViT attention full pairs inside
-    each visual item (an image, or one frame of a video).
+    Decoder attention counts causal (bidirectional: all) pairs inside each document; ViT attention
+    full pairs inside each visual item (an image, or one frame of a video).
     """
     d, v = args.decoder, args.vision
     q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
@@ -293,6 +293,6 @@ def training_flops(args: Qwen3VLArgs, shape: BatchShape) -> float:
     forward = (2 * decoder_linear * shape.tokens
                + 2 * vit_linear * shape.patches
                + 2 * mergers * shape.patches / merge_area
-               + d.n_layers * 2 * q_dim * shape.doc_len_sq_sum  # causal: half of 4 * S^2 * q_dim
+               + d.n_layers * (2 if d.causal else 4) * q_dim * shape.doc_len_sq_sum  # causal: half of 4 S^2
                + v.n_layers * 4 * v.dim * shape.image_patches_sq_sum)
     return 3.0 * forward
