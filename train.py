@@ -20,12 +20,13 @@ from titan_mm.config import Training as TrainingConfig
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.dataloader import build_dataloader, data_states
 from titan_mm.data.documents import DataError
-from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.data.plan import log_expected_padding
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.hf.convert import args_for_hf_folder
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.models.attention import resolve_backend
+from titan_mm.objectives import args_for_objective, build_objective
+from titan_mm.objectives.base import normalise_targets
 from titan_mm.parallel.common import group_by_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
 from titan_mm.parallel.pipeline import (build_pipeline_schedule, check_pipeline, microbatch_image_token_index,
@@ -33,7 +34,6 @@ from titan_mm.parallel.pipeline import (build_pipeline_schedule, check_pipeline,
 from titan_mm.parallel.sequence import check_sequence_parallel, sequence_parallel_group, shard_batch
 from titan_mm.train.checkpoint import CheckpointError, CheckpointManager, checkpoint_folder
 from titan_mm.train.cuda_graph import StepGraph
-from titan_mm.train.loss import loss_parallel_context, loss_sum
 from titan_mm.train.lr_scheduler import build_lr_scheduler
 from titan_mm.train.metrics import LossHistory, MetricsLogger, device_peak_tflops
 from titan_mm.train.nonfinite import NonFiniteError, NonFiniteGuard, parameters_are_finite
@@ -84,16 +84,20 @@ class Trainer:
             self.model_args = hf_folder_args(spec, cfg)
         self.training_flops = spec.training_flops
         self.tokenizer = Tokenizer(cfg.model.tokenizer_path, spec.special_tokens)
-        vocab = self.model_args.decoder.vocab_size
-        if self.tokenizer.vocab_size > vocab:
-            raise ConfigError(f"tokenizer {cfg.model.tokenizer_path} has {self.tokenizer.vocab_size} "
-                              f"tokens but {spec.name}/{cfg.model.flavor} embeds only {vocab}")
 
         p = cfg.parallelism
         self.parallel_dims = ParallelDims(
             dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
             cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=p.pipeline_parallel_degree,
             ulysses=p.ulysses_degree, world_size=self.world_size, enable_loss_parallel=p.enable_loss_parallel)
+        # the objective decides the decoder's attention and may add a token (MDLM's mask)
+        self.objective = build_objective(cfg.objective, self.tokenizer, vocab_parallel=self.parallel_dims.tp_enabled,
+                                         loss_parallel=self.parallel_dims.loss_parallel_enabled)
+        self.model_args = args_for_objective(self.model_args, self.objective, self.tokenizer)
+        vocab = self.model_args.decoder.vocab_size
+        if self.tokenizer.vocab_size > vocab:
+            raise ConfigError(f"tokenizer {cfg.model.tokenizer_path} has {self.tokenizer.vocab_size} "
+                              f"tokens but {spec.name}/{cfg.model.flavor} embeds only {vocab}")
         check_tensor_parallel(self.parallel_dims, spec, self.model_args, cfg)
         rows_per_forward = cfg.training.local_batch_size
         if self.parallel_dims.pp_enabled:
@@ -107,7 +111,7 @@ class Trainer:
         self.model_inputs = tuple(k for k in MODEL_INPUTS if backend == "varlen" or k not in LENGTHS)
         check_cuda_graph(cfg, self.device, self.world_size, backend)
         mesh = self.parallel_dims.build_mesh(self.device.type)
-        dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+        self.dp_rank = dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         # ranks that see different tokens: the loss and its token count are summed over them
         self.loss_group = mesh["loss"].get_group() if mesh is not None else None
         self.dp_group = mesh["dp"].get_group() if mesh is not None else None
@@ -170,6 +174,8 @@ class Trainer:
             train_state=self.train_state, rank=self.rank, dp_rank=dp_rank, job=self.job,
             group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args)
         self.checkpointer.load(self.resume_step)
+        self.batches_prepared = self.train_state.step * cfg.training.gradient_accumulation_steps
+        """Microbatches prepared so far (for their seeds; the steps before a resume count too)."""
         self.nonfinite.start_at(self.train_state.step, self.train_state.nonfinite_skips)
         self.loss_history = LossHistory(os.path.join(cfg.job.dump_folder, "losses.json"), self.train_state.step)
         self.metrics = MetricsLogger(
@@ -209,7 +215,7 @@ class Trainer:
         self.pp_has_first_stage, self.pp_has_last_stage = 0 in indices, n_stages - 1 in indices
         self.pp_schedule = build_pipeline_schedule(
             p, parts, indices, n_stages, self.cfg.training.local_batch_size, self.device, self.pp_group,
-            loss_fn=self.pipeline_loss)
+            loss_fn=lambda h_BSD, targets: self.objective.loss(h_BSD, parts[-1].decoder.head_weight(), targets))
         return parts
 
     def train(self):
@@ -266,8 +272,10 @@ class Trainer:
 
     def prepare_batch(self, mb: dict) -> dict:
         """Host work on a loader batch before it goes to the device: its facts for throughput and
-        MFU (of whole rows), then this rank's share of each row under CP / Ulysses."""
+        MFU (of whole rows), the objective's inputs and targets, then this rank's share of each row
+        under CP / Ulysses."""
         shape = BatchShape.of(mb)
+        mb = self.objective.prepare(mb, self.next_batch_seed())
         if self.sequence_parallel is not None:
             mb = shard_batch(mb, self.sequence_parallel)
         return {**mb, "shape": shape}
@@ -277,7 +285,7 @@ class Trainer:
         microbatches, data_wait_s = self.batches.next_step()
         shapes = [mb["shape"] for mb in microbatches]
         if self.step_graph is not None:
-            inputs = [{k: mb[k] for k in (*self.model_inputs, "labels")} for mb in microbatches]
+            inputs = [{k: mb[k] for k in (*self.model_inputs, "targets", "loss_tokens")} for mb in microbatches]
             # the graph's outputs are rewritten by the next replay
             loss, grad_norm = (t.clone() for t in self.step_graph(inputs))
         else:
@@ -311,14 +319,15 @@ class Trainer:
     def device_step(self, microbatches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of every microbatch, gradient clipping, optimizer: (global loss, grad
         norm). No host syncs: this is what ``compile.cuda_graph`` captures."""
-        # loss = sum of token losses / valid label tokens of the whole global batch
-        num_labels = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches).float().to(self.device)
+        # loss = sum of weighted token losses / the objective's loss tokens of the whole global batch
+        num_tokens = sum(mb["loss_tokens"].sum() for mb in microbatches).float().to(self.device)
         if self.loss_group is not None:
-            dist.all_reduce(num_labels, group=self.loss_group)
+            dist.all_reduce(num_tokens, group=self.loss_group)
         loss = torch.zeros((), device=self.device)
         forward_backward = self.pipeline_forward_backward if self.pp_schedule else self.forward_backward
         for mb in microbatches:
-            loss += forward_backward(mb, num_labels)
+            targets = normalise_targets(mb["targets"].to(self.device, non_blocking=True), num_tokens)
+            loss += forward_backward(mb, targets)
         # collectives, not host syncs: every rank holds the global loss before the non-finite check
         if self.loss_group is not None:
             dist.all_reduce(loss, group=self.loss_group)
@@ -334,25 +343,20 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
-    def forward_backward(self, mb: dict, num_labels: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, mb: dict, targets: torch.Tensor) -> torch.Tensor:
+        """One microbatch forward and backward; ``targets`` weighted for the global batch. Returns
+        its share of the global loss."""
         inputs = {k: mb[k].to(self.device, non_blocking=True) for k in self.model_inputs}
-        labels = mb["labels"].to(self.device, non_blocking=True)
-        # loss parallelism: the loss and its backward on vocabulary-sharded logits (train/loss.py)
-        with loss_parallel_context(self.parallel_dims.loss_parallel_enabled):
-            if self.parallel_dims.tp_enabled:
-                with self.autocast:
-                    logits = self.model(**inputs)
-                loss = loss_sum(logits, labels) / num_labels
-            else:
-                # output head + cross-entropy fused in chunks inside the model (models/loss.py)
-                with self.autocast:
-                    loss = self.model(**inputs, labels=labels) / num_labels
+        with self.objective.context():
+            with self.autocast:
+                h_BSD = self.model(**inputs)
+                loss = self.objective.loss(h_BSD, self.model.decoder.head_weight(), targets)
             loss.backward()
         return loss.detach()
 
     # --- pipeline parallelism: the schedule runs forward and backward of every microbatch ---------
 
-    def pipeline_forward_backward(self, mb: dict, num_labels: torch.Tensor) -> torch.Tensor:
+    def pipeline_forward_backward(self, mb: dict, targets: torch.Tensor) -> torch.Tensor:
         """One local batch (this rank's sequence shard under CP / Ulysses) through the pipeline
         schedule, cut into microbatches along the rows; returns this rank's share of the loss (the
         last stage's sum over microbatches, zero on other ranks)."""
@@ -370,19 +374,25 @@ class Trainer:
             media["image_token_index"] = microbatch_image_token_index(
                 mb["image_token_index"], n_mb, slots_per_row).to(self.device, non_blocking=True)
             kwargs.update(media)
-        target = mb["labels"].to(self.device, non_blocking=True) if self.pp_has_last_stage else None
-        self.pp_num_labels = num_labels  # read by pipeline_loss
+        # the last stage applies the objective to each microbatch's final hidden states
+        target = targets if self.pp_has_last_stage else None
         losses = []
-        with loss_parallel_context(self.parallel_dims.loss_parallel_enabled), self.autocast:
-            # return_outputs=False: the last stage does not concatenate the microbatches' logits
+        with self.objective.context(), self.autocast:
+            # return_outputs=False: the last stage does not concatenate the microbatches' outputs
             self.pp_schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if not self.pp_has_last_stage:
             return torch.zeros((), device=self.device)
         return torch.stack(losses).sum().detach()
 
-    def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The last stage's loss of one microbatch: its share of the global batch's loss."""
-        return loss_sum(logits, labels) / self.pp_num_labels
+    def next_batch_seed(self) -> int:
+        """The seed of the next microbatch prepared: a function of the step and of the
+        microbatch's place in the global batch (data-parallel rank, then accumulation index), the
+        same in every parallel layout and on resume."""
+        accumulate = self.cfg.training.gradient_accumulation_steps
+        step_index, j = divmod(self.batches_prepared, accumulate)
+        self.batches_prepared += 1
+        global_microbatch = self.dp_rank * accumulate + j
+        return (self.cfg.job.seed * 1_000_003 + step_index) * 1_000_003 + global_microbatch
 
 
 def check_pipeline_job(cfg: JobConfig, spec: ModelSpec, model_args) -> list[range]:

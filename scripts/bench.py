@@ -25,6 +25,7 @@ from titan_mm.data.documents import Document, Image  # noqa: E402
 from titan_mm.data.image import patchify  # noqa: E402
 from titan_mm.data.packing import RowShape, build_row  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
+from titan_mm.objectives.loss import linear_cross_entropy  # noqa: E402
 from titan_mm.config import ActivationCheckpoint  # noqa: E402
 from titan_mm.parallel.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
 from titan_mm.parallel.common import apply_compile  # noqa: E402
@@ -79,8 +80,9 @@ def bench(family: str, flavor: str, compile_blocks: bool, steps: int, warmup: in
     n_labels = int((inputs["labels"] != -100).sum())
 
     def step(inputs):
-        # the trainer's path: output head + cross-entropy fused in chunks inside the model
-        loss = model(**inputs) / n_labels
+        # the trainer's path: final hidden states, then the output head + cross-entropy fused in chunks
+        h = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        loss = linear_cross_entropy(h.flatten(0, 1), model.decoder.head_weight(), inputs["labels"].flatten()) / n_labels
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

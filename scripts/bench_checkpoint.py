@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from bench import baseline_batch  # noqa: E402
 from titan_mm.config import Checkpoint, LRScheduler, Optimizer  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
+from titan_mm.objectives.loss import linear_cross_entropy  # noqa: E402
 from titan_mm.train.checkpoint import CheckpointManager  # noqa: E402
 from titan_mm.train.lr_scheduler import build_lr_scheduler  # noqa: E402
 from titan_mm.train.optimizer import build_optimizer  # noqa: E402
@@ -72,7 +73,8 @@ def measure(mode: str, flavor: str, folder: str, steps: int) -> list[dict]:
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**inputs) / n_labels
+            h = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            loss = linear_cross_entropy(h.flatten(0, 1), model.decoder.head_weight(), inputs["labels"].flatten()) / n_labels
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

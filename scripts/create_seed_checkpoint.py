@@ -14,13 +14,15 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from titan_mm.config import parse_args  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
+from titan_mm.objectives import objective_setup  # noqa: E402
 from titan_mm.train.checkpoint import ModelState  # noqa: E402
 
 
 def create_seed_checkpoint(cfg, out_dir: str):
     spec = get_model_spec(cfg.model.name)
+    _, _, args = objective_setup(cfg)  # the trainer's model for this objective (MDLM may grow the vocabulary)
     with torch.device("meta"):
-        model = spec.model_cls(spec.flavors[cfg.model.flavor])
+        model = spec.model_cls(args)
     model.to_empty(device="cpu")
     torch.manual_seed(cfg.job.seed)
     model.init_weights()

@@ -1,5 +1,5 @@
-"""Does the model use the images? Held-out caption loss with the true images vs images swapped
-between samples.
+"""Does the model use the images? Held-out caption loss and accuracy with the true images vs images
+swapped between samples (for an MDLM config: of the caption tokens masked at t = 0.5).
 
     python scripts/eval_grounding.py --job.config_file train_configs/debug_vlm.toml \
         [--data_path assets/sample_data/captions_val.jsonl] [--weights DIR]
@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
 from titan_mm.config import parse_args  # noqa: E402
-from titan_mm.evaluate import grounding_losses, latest_model_export, load_model  # noqa: E402
+from titan_mm.evaluate import SWAP_SHIFT, caption_metrics, latest_model_export, load_model  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
 
 
@@ -31,12 +31,13 @@ def main(argv):
     weights = weights or latest_model_export(cfg.job.dump_folder, cfg.checkpoint.folder)
     model_args = get_model_spec(cfg.model.name).flavors[cfg.model.flavor]
     model = load_model(cfg, weights)
-    true_loss, swapped_loss = grounding_losses(cfg, model, model_args, data_path)
+    (true_loss, true_acc), (swapped_loss, swapped_acc) = (
+        caption_metrics(cfg, model, model_args, data_path, shift) for shift in (0, SWAP_SHIFT))
+    what = ("masked caption tokens at t = 0.5" if cfg.objective.name == "mdlm" else "caption tokens")
     print(f"weights: {weights}")
-    print(f"held-out caption loss, true images:    {true_loss:.4f}")
-    print(f"held-out caption loss, swapped images: {swapped_loss:.4f}")
+    print(f"held-out {what}, true images:    loss {true_loss:.4f}  accuracy {true_acc:.3f}")
+    print(f"held-out {what}, swapped images: loss {swapped_loss:.4f}  accuracy {swapped_acc:.3f}")
     print(f"true images lower by {100 * (1 - true_loss / swapped_loss):.1f}%")
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

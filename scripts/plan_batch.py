@@ -48,7 +48,7 @@ from titan_mm.data.dataloader import row_shape  # noqa: E402
 from titan_mm.data.plan import PLAN_ROWS, estimate_packing, read_sample  # noqa: E402
 from titan_mm.data.tokenizer import Tokenizer  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
-from titan_mm.models.loss import CHUNK_TOKENS  # noqa: E402
+from titan_mm.objectives.loss import CHUNK_TOKENS  # noqa: E402
 
 BYTES = 2
 """Bytes of one activation value (bf16)."""

@@ -36,11 +36,11 @@ def tiny_cfg(tmp_path):
 def forward_on_meta(model_cls, args, inputs: dict):
     """A forward with the model and every input on the meta device, whose tensors hold no data:
     any host sync in it (.item(), .tolist(), .cpu(), bool() of a tensor, an op whose output shape
-    depends on values such as nonzero) raises instead of silently passing. Returns the output."""
+    depends on values such as nonzero) raises instead of silently passing. Returns the logits."""
     import torch
     with torch.device("meta"):
         model = model_cls(args)
-    return model(**{k: v.to("meta") for k, v in inputs.items()})
+    return model.decoder.logits(model(**{k: v.to("meta") for k, v in inputs.items()}))
 
 
 def load_script(name: str):

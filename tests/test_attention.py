@@ -10,7 +10,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from titan_mm.data.dataloader import run_lengths
 from titan_mm.models.attention import attend, segment_mask
 from titan_mm.parallel.parallel_dims import ParallelDims, ParallelismError
-from titan_mm.parallel.sequence import SequenceParallel, check_sequence_parallel
+from titan_mm.parallel.sequence import (SequenceParallel, check_sequence_parallel, sequence_parallel_attend,
+                                       sequence_parallel_mask)
 from titan_mm.models.llama.model import DecoderArgs
 
 
@@ -88,7 +89,8 @@ def ulysses_matches_one_process(rank: int, world: int, store: str, H: int, Hkv: 
         expected.backward(grad_out)
 
         mine = [sp.shard(t.detach(), dim=1).requires_grad_() for t in (q, k, v)]
-        out = attend(*mine, segment_mask(sp.shard(ids, dim=1), causal=True, backend="sdpa", sp=sp))
+        mask = sequence_parallel_mask(sp.shard(ids, dim=1), causal=True, backend="sdpa", sp=sp)
+        out = sequence_parallel_attend(*mine, mask, sp=sp)
         out.backward(sp.shard(grad_out, dim=1))
         torch.testing.assert_close(out, sp.shard(expected.detach(), dim=1), rtol=1e-12, atol=1e-12)
         for name, t, full in zip("qkv", mine, (q, k, v)):
@@ -158,7 +160,7 @@ def test_ulysses_degree_above_the_kv_heads_per_rank_is_accepted(degrees):
 
 def test_chunked_linear_cross_entropy_matches_full_logits():
     """Loss and gradients of h and the weight equal F.cross_entropy over full fp32 logits."""
-    from titan_mm.models.loss import linear_cross_entropy
+    from titan_mm.objectives.loss import linear_cross_entropy
     torch.manual_seed(0)
     T, D, V = 300, 32, 500
     h = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
@@ -177,11 +179,12 @@ def test_chunked_linear_cross_entropy_matches_full_logits():
 
 
 def test_training_never_materialises_the_full_logits(monkeypatch):
-    """The trainer's loss path (model(..., labels=...)) forward and backward: no tensor as large as
-    tokens x vocab exists, so the chunked loss is what runs."""
-    monkeypatch.setattr("titan_mm.models.loss.CHUNK_TOKENS", 128)
+    """The trainer's loss path (hidden states -> the objective's loss) forward and backward: no
+    tensor as large as tokens x vocab exists, so the chunked loss is what runs."""
+    monkeypatch.setattr("titan_mm.objectives.loss.CHUNK_TOKENS", 128)
     from torch.utils._python_dispatch import TorchDispatchMode
     from titan_mm.models.llama.model import TextArgs, TextModel
+    from titan_mm.objectives.causal_lm import CausalLM
 
     args = TextArgs(decoder=DecoderArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                                         ffn_hidden_dim=128, vocab_size=4096))
@@ -202,10 +205,12 @@ def test_training_never_materialises_the_full_logits(monkeypatch):
                     LargestTensor.largest = max(LargestTensor.largest, t.numel())
             return out
 
+    targets = CausalLM(vocab_parallel=False, loss_parallel=False).prepare({"labels": ids}, seed=0)["targets"]
     with LargestTensor():
-        loss = model(ids, pos, doc, labels=ids)
+        loss = CausalLM(vocab_parallel=False, loss_parallel=False).loss(
+            model(ids, pos, doc), model.decoder.head_weight(), targets)
         loss.backward()
     assert LargestTensor.largest < B * S * 4096 // 2, LargestTensor.largest
     with LargestTensor():  # the check can fail: full logits are seen when asked for
-        model(ids, pos, doc)
+        model.decoder.logits(model(ids, pos, doc))
     assert LargestTensor.largest >= B * S * 4096

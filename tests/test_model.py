@@ -109,7 +109,7 @@ def run(model, docs):
     batch = collate_rows([build_row(docs, SHAPE)], SHAPE.patches_per_slot // SHAPE.merge_area)
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "document_ids", "pixel_values",
                                     "grid_thw", "image_token_index")}
-    return model(**inputs), batch
+    return model.decoder.logits(model(**inputs)), batch
 
 
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "pixel_values", "grid_thw", "image_token_index")

@@ -186,7 +186,7 @@ def test_logits_match_hf(model, hf_model, media_dir, name):
     filler = build_doc(model, media_dir, "text_only")
     batch = batch_of([doc, filler])
     with torch.no_grad():
-        ours = model(**{k: batch[k] for k in MODEL_INPUTS})[0]
+        ours = model.decoder.logits(model(**{k: batch[k] for k in MODEL_INPUTS}))[0]
         inputs = hf_inputs(doc, media_dir)
         positions, _ = hf_model.model.get_rope_index(
             inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
@@ -240,8 +240,8 @@ def test_yarn_rope_scaling_matches_hf(media_dir):
         n = len(doc.tokens)
         with torch.no_grad():
             theirs = hf(**hf_inputs(doc, media_dir)).logits[0]
-            diff = (ours(**batch)[0, :n] - theirs).abs().max().item()
-            plain_diff = (plain.eval()(**batch)[0, :n] - theirs).abs().max().item()
+            diff = (ours.decoder.logits(ours(**batch))[0, :n] - theirs).abs().max().item()
+            plain_diff = (plain.decoder.logits(plain.eval()(**batch))[0, :n] - theirs).abs().max().item()
         assert diff <= TOL, f"{name}: YaRN logits differ from HF by {diff:.2e}"
         assert plain_diff > 100 * TOL, f"{name}: plain RoPE is only {plain_diff:.2e} off; the test shows nothing"
 

@@ -161,8 +161,8 @@ def max_logit_diff(ours: Qwen3VLModel, hf, docs) -> float:
     """Each document of one packed row against HF run on that document alone."""
     batch = ours_batch(docs)
     with torch.no_grad():
-        logits = ours(**{k: batch[k] for k in ("input_ids", "position_ids", "document_ids", "pixel_values",
-                                               "grid_thw", "image_token_index")})
+        logits = ours.decoder.logits(ours(**{k: batch[k] for k in ("input_ids", "position_ids", "document_ids",
+                                                                   "pixel_values", "grid_thw", "image_token_index")}))
         worst, start = 0.0, 0
         for doc in docs:
             n = len(doc.tokens)
@@ -422,8 +422,8 @@ def test_training_flops_count_every_matmul():
     model.to_empty(device="cpu")
     model.init_weights()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(**{k: batch[k] for k in ("input_ids", "position_ids", "document_ids", "pixel_values",
-                                       "grid_thw", "image_token_index")})
+        model.decoder.logits(model(**{k: batch[k] for k in ("input_ids", "position_ids", "document_ids",
+                                                            "pixel_values", "grid_thw", "image_token_index")}))
     attention = (d.n_layers * 2 * d.n_heads * d.head_dim * seq_len ** 2
                  + v.n_layers * 4 * v.dim * media.patches.shape[0] ** 2)
     assert training_flops(args, BatchShape.of(batch)) == 3 * (counter.get_total_flops() + attention)

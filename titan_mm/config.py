@@ -316,6 +316,25 @@ class ActivationCheckpoint:
 
 
 @dataclass
+class Objective:
+    name: Literal["causal_lm", "mdlm"] = "causal_lm"
+    """What the model learns to predict from its final hidden states (titan_mm/objectives,
+    docs/objectives.md): causal_lm = the next token of every label-bearing token, with causal
+    attention; mdlm = masked diffusion (Sahoo et al. 2024, LLaDA): a random fraction t of each
+    document's trainable tokens is replaced by the mask token and predicted with attention
+    bidirectional within the document, the loss weighted by 1 / t."""
+    mdlm_eps: float = 1e-3
+    """mdlm: t is drawn from U(mdlm_eps, 1) per document, so no document has a loss weight above
+    1 / mdlm_eps."""
+    mdlm_antithetic: bool = False
+    """mdlm: draw the t of a microbatch's documents evenly spread over (mdlm_eps, 1) (one uniform
+    offset, stratified), which lowers the variance of the loss."""
+    mask_token: str = "<|mask|>"
+    """mdlm: the tokenizer's mask token; when the tokenizer lacks it, it is added after the last
+    id and the embedding (and output head) grow to hold it."""
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -328,6 +347,7 @@ class JobConfig:
     parallelism: Parallelism = field(default_factory=Parallelism)
     compile: Compile = field(default_factory=Compile)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    objective: Objective = field(default_factory=Objective)
 
 
 # --- value checks that need more than a type ------------------------------------------------------
@@ -370,6 +390,8 @@ def _check_values(cfg: JobConfig) -> list[str]:
     if cfg.training.param_dtype == "bf16" and cfg.training.mixed_precision == "fp32":
         errors.append("training.param_dtype = \"bf16\" computes in bf16, but training.mixed_precision = "
                       "\"fp32\"; set mixed_precision to \"auto\" or \"bf16\", or param_dtype to \"fp32\"")
+    if not 0 < cfg.objective.mdlm_eps < 1:
+        errors.append(f"objective.mdlm_eps = {cfg.objective.mdlm_eps!r} must be in (0, 1)")
     if cfg.data.min_pixels > cfg.data.max_pixels:
         errors.append(f"data.min_pixels = {cfg.data.min_pixels} exceeds data.max_pixels = "
                       f"{cfg.data.max_pixels}; lower min_pixels or raise max_pixels")

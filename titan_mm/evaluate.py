@@ -1,10 +1,12 @@
-"""Caption loss of a trained model on held-out samples, with true or swapped images."""
+"""Caption loss and accuracy of a trained model on held-out samples, with true or swapped images,
+for its training objective (causal: next tokens; MDLM: masked tokens at t = 0.5)."""
 
 import json
 import os
 
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 
 from titan_mm.config import JobConfig
 from titan_mm.data.dataloader import build_document_builder, collate_rows
@@ -12,6 +14,7 @@ from titan_mm.data.packing import IGNORE_INDEX, BestFitPacker, RowShape
 from titan_mm.data.sources import ListSource
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.models import get_model_spec
+from titan_mm.objectives import objective_setup
 from titan_mm.train.checkpoint import ModelState
 
 
@@ -26,9 +29,11 @@ def latest_model_export(dump_folder: str, checkpoint_folder: str) -> str:
 
 
 def load_model(cfg: JobConfig, weights: str) -> torch.nn.Module:
+    """The config's model (for its objective: MDLM grows the vocabulary) with DCP ``weights``."""
     spec = get_model_spec(cfg.model.name)
+    _, _, args = objective_setup(cfg)
     with torch.device("meta"):
-        model = spec.model_cls(spec.flavors[cfg.model.flavor])
+        model = spec.model_cls(args)
     model.to_empty(device="cpu")
     model.init_weights()
     dcp.load({"model": ModelState(model)}, checkpoint_id=weights)
@@ -46,23 +51,49 @@ def caption_docs(cfg: JobConfig, tok: Tokenizer, model_args, path: str, shift: i
             for i, s in enumerate(samples)]
 
 
+MDLM_EVAL_T = 0.5
+"""Masking level of MDLM evaluation: half of each caption's tokens are masked."""
+
+MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "pixel_values", "grid_thw", "image_token_index")
+
+
 @torch.no_grad()
-def caption_loss(cfg: JobConfig, model: torch.nn.Module, model_args, path: str, shift: int = 0) -> float:
-    """Mean loss per caption token over every sample of ``path`` (all packed rows, one pass)."""
-    tok = Tokenizer(cfg.model.tokenizer_path, get_model_spec(cfg.model.name).special_tokens)
+def caption_metrics(cfg: JobConfig, model: torch.nn.Module, model_args, path: str, shift: int = 0,
+                    seed: int = 0) -> tuple[float, float]:
+    """Mean loss and accuracy (argmax) per predicted caption token over every sample of ``path``
+    (all packed rows, one pass). causal_lm predicts each caption token from the ones before;
+    mdlm masks each caption token with probability MDLM_EVAL_T (generator seeded by ``seed``) and
+    predicts the masked ones from the rest."""
+    tok, objective, _ = objective_setup(cfg)
     docs = caption_docs(cfg, tok, model_args, path, shift)
     spec = model_args.vision_input
     shape = RowShape(cfg.training.seq_len, cfg.data.image_slots_per_row, cfg.data.patches_per_slot,
                      spec.patch_dim, spec.merge_area, tok.pad_id, (tok.image_id,),
                      position_dims=spec.position_dims)
-    total, count = 0.0, 0
+    generator = torch.Generator().manual_seed(seed)
+    total, correct, count = 0.0, 0, 0
     for row in BestFitPacker(ListSource(docs), shape, cfg.data.pack_open_bins):
         batch = collate_rows([row], cfg.data.patches_per_slot // spec.merge_area)
-        labels = batch.pop("labels")
-        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}  # not stats, skips
-        total += model(**inputs, labels=labels).item()  # summed loss, logits never materialised
-        count += int((labels != IGNORE_INDEX).sum())
-    return total / count
+        if cfg.objective.name == "mdlm":
+            t_BS = torch.full(batch["input_ids"].shape, MDLM_EVAL_T)
+            batch = objective.mask_tokens(batch, t_BS, generator)
+        else:
+            batch = objective.prepare(batch, seed)
+        labels_BS = batch["targets"][:, 0].long()
+        predicted_BS = labels_BS != IGNORE_INDEX
+        h_BSD = model(**{k: batch[k] for k in MODEL_INPUTS})
+        # logits of the predicted positions only
+        logits_TV = model.decoder.logits(h_BSD[predicted_BS]).float()
+        targets_T = labels_BS[predicted_BS]
+        total += F.cross_entropy(logits_TV, targets_T, reduction="sum").item()
+        correct += int((logits_TV.argmax(-1) == targets_T).sum())
+        count += len(targets_T)
+    return total / count, correct / count
+
+
+def caption_loss(cfg: JobConfig, model: torch.nn.Module, model_args, path: str, shift: int = 0) -> float:
+    """Mean loss per predicted caption token (``caption_metrics``)."""
+    return caption_metrics(cfg, model, model_args, path, shift)[0]
 
 
 SWAP_SHIFT = 37

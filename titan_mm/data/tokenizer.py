@@ -85,6 +85,13 @@ class Tokenizer:
         """The id of one vocabulary entry (e.g. a special token such as <|im_start|>), or None."""
         return self._tok.token_to_id(token)
 
+    def add_special_token(self, token: str) -> int:
+        """The id of ``token``, added after the last id when the vocabulary lacks it (e.g. the mask
+        token of masked diffusion, titan_mm/objectives/mdlm.py)."""
+        if self._tok.token_to_id(token) is None:
+            self._tok.add_special_tokens([AddedToken(token, normalized=False, special=True)])
+        return self._tok.token_to_id(token)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -23,18 +23,16 @@ which calls ``attend``. The backend decides the kernel:
   dataloader (``document_lengths`` / ``frame_lengths``), so no work is spent on masked pairs. CUDA
   only; segments must be contiguous (Qwen2.5-VL's window layers fall back to ``sdpa``).
 
-Sequence parallelism is applied here too, when the parallelize function hands the model a
-``SequenceParallel``: Ulysses swaps a sequence split for a head split around the kernel
-(all-to-all), context parallelism all-gathers keys and values (their gradients reduce-scattered)
-and masks with each token's position in the whole row.
+This is single-device code. Sequence parallelism (titan_mm/parallel/sequence.py) wraps it from
+outside: it swaps the decoder's ``build_mask`` and each attention's ``attend`` for versions that
+mask with each token's position in the whole row (``mask_from_positions``) and exchange keys,
+values or heads around the kernel.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from titan_mm.parallel.sequence import SequenceParallel
 
 try:  # the flash-attn package, when installed, is the fastest varlen kernel on Hopper
     from flash_attn import flash_attn_varlen_func
@@ -66,49 +64,44 @@ class AttentionMask:
     """varlen: an upper bound of the segment length (the row length: a constant, so compiled
     graphs never see a new value)."""
     causal: bool = False
-    sp: SequenceParallel | None = None
 
 
 def segment_mask(segment_ids_BS: torch.Tensor, *, causal: bool, backend: str,
-                 segment_lengths_BK: torch.Tensor | None = None,
-                 sp: SequenceParallel | None = None) -> AttentionMask:
-    """The mask of ``attend`` for rows whose tokens carry segment ids (this rank's slice of the
-    row under sequence parallelism).
+                 segment_lengths_BK: torch.Tensor | None = None) -> AttentionMask:
+    """The mask of ``attend`` for whole rows whose tokens carry segment ids.
 
     segment_lengths_BK: the varlen backend's input, each row's segment lengths in order (padding
-    included, zero-padded to a common K); it always describes whole rows.
+    included, zero-padded to a common K).
     """
-    mask = AttentionMask(backend=backend, causal=causal, sp=sp)
+    pos_S = torch.arange(segment_ids_BS.shape[1], device=segment_ids_BS.device)
+    return mask_from_positions(segment_ids_BS, segment_ids_BS, pos_S, pos_S, causal=causal, backend=backend,
+                               segment_lengths_BK=segment_lengths_BK)
+
+
+def mask_from_positions(q_ids_BS: torch.Tensor, kv_ids_BS: torch.Tensor, q_pos_S: torch.Tensor,
+                        kv_pos_S: torch.Tensor, *, causal: bool, backend: str,
+                        segment_lengths_BK: torch.Tensor | None = None) -> AttentionMask:
+    """The mask of ``attend`` for queries and keys given by segment id and position in the whole
+    row (sequence parallelism gives each rank's share; segment_lengths_BK always describes whole
+    rows, which varlen kernels see)."""
+    mask = AttentionMask(backend=backend, causal=causal)
     if backend == "varlen":
         if segment_lengths_BK is None:
             raise ValueError("the varlen attention backend needs segment lengths from the dataloader")
-        if sp is not None and sp.mode == "cp":
-            raise ValueError("context parallelism needs the sdpa or flex attention backend")
         lengths = segment_lengths_BK.flatten()
         mask.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         # the number of segments changes from batch to batch: tell compile up front
         torch._dynamo.mark_dynamic(mask.cu_seqlens, 0)
-        mask.max_seqlen = segment_ids_BS.shape[1] * (sp.degree if sp is not None else 1)
+        mask.max_seqlen = kv_ids_BS.shape[1]
         return mask
 
-    q_ids, kv_ids = segment_ids_BS, segment_ids_BS
-    q_pos = kv_pos = torch.arange(segment_ids_BS.shape[1], device=segment_ids_BS.device)
-    if sp is not None:
-        # ids (and positions in the whole row) of the tokens the kernel sees
-        kv_ids = sp.gather_sequence(segment_ids_BS)
-        kv_pos = sp.row_positions(segment_ids_BS.shape[1], segment_ids_BS.device, gathered=True)
-        if sp.mode == "ulysses":  # queries are the whole row too
-            q_ids, q_pos = kv_ids, kv_pos
-        else:
-            q_pos = sp.row_positions(segment_ids_BS.shape[1], segment_ids_BS.device, gathered=False)
-
     if backend == "sdpa":
-        visible = q_ids[:, :, None] == kv_ids[:, None, :]
+        visible = q_ids_BS[:, :, None] == kv_ids_BS[:, None, :]
         if causal:
-            visible = visible & (kv_pos[None, :] <= q_pos[:, None])
+            visible = visible & (kv_pos_S[None, :] <= q_pos_S[:, None])
         mask.dense = visible[:, None]
     elif backend in ("flex", "flex_flash"):
-        mask.block_mask = _flex_block_mask(q_ids, kv_ids, q_pos, kv_pos, causal)
+        mask.block_mask = _flex_block_mask(q_ids_BS, kv_ids_BS, q_pos_S, kv_pos_S, causal)
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     return mask
@@ -131,23 +124,8 @@ def _flex_block_mask(q_ids, kv_ids, q_pos, kv_pos, causal: bool):
 def attend(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor,
            mask: AttentionMask) -> torch.Tensor:
     """Attention over [B, S, heads, head_dim] tensors; k/v may have fewer heads than q (grouped
-    queries). Returns [B, S, heads, head_dim]."""
-    sp = mask.sp
-    if sp is not None and sp.mode == "ulysses":
-        # this rank's slice of the row with all heads -> the whole row with a slice of the heads
-        q_BSHD = sp.sequence_to_heads(q_BSHD)
-        k_BSHD, v_BSHD = sp.kv_sequence_to_heads(k_BSHD), sp.kv_sequence_to_heads(v_BSHD)
-    elif sp is not None:  # context parallel: every rank's keys and values
-        k_BSHD, v_BSHD = sp.gather_sequence(k_BSHD), sp.gather_sequence(v_BSHD)
-
-    out_BSHD = _kernel(q_BSHD, k_BSHD, v_BSHD, mask)
-
-    if sp is not None and sp.mode == "ulysses":
-        out_BSHD = sp.heads_to_sequence(out_BSHD)
-    return out_BSHD
-
-
-def _kernel(q_BSHD, k_BSHD, v_BSHD, mask: AttentionMask) -> torch.Tensor:
+    queries), and more positions (context parallelism: the whole row's). Returns [B, S, heads,
+    head_dim]."""
     gqa = k_BSHD.shape[2] != q_BSHD.shape[2]
     if mask.backend == "varlen":
         B, S, H, D = q_BSHD.shape

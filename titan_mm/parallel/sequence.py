@@ -12,21 +12,27 @@ parameters (FSDP shards over them) and see the same rows:
   degree; KV heads divide by it too, or else divide it (each KV head is then repeated, so every
   rank gets the one its query heads share: ``kv_sequence_to_heads``).
 
-Outside attention every op is per token, so rotary positions, labels and image tokens are simply
-sharded with the tokens (``shard_batch``). The vision encoder does not repeat its work on each
-rank: the image slots are split over the group and the merged embeddings all-gathered
-(``encode_images_split``).
+Outside attention every op is per token, so rotary positions, loss targets and image tokens are
+simply sharded with the tokens (``shard_batch``). The vision encoder does not repeat its work on
+each rank: the image slots are split over the group and the merged embeddings all-gathered
+(``split_vision_encoder``).
 
-All communication is through functional collectives (autograd-aware, traceable by compile), so
-this runs on CPU (gloo) and GPU alike.
+Model code knows nothing of this: ``apply_sequence_parallel`` swaps the decoder's ``build_mask``
+and each attention's ``attend`` (callable attributes) for this file's versions, and hooks the vision
+encoder's input and output. All communication is through functional collectives (autograd-aware,
+traceable by compile), so this runs on CPU (gloo) and GPU alike.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed._functional_collectives as funcol
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+
+from titan_mm.models.attention import AttentionMask, attend, mask_from_positions
 
 # torch 2.13 renamed the autograd all-gather; 2.11 has only the old name
 _all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
@@ -38,7 +44,8 @@ def all_gather(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
-SEQUENCE_KEYS = ("input_ids", "labels", "document_ids", "image_token_index", "position_ids")
+SEQUENCE_KEYS = ("input_ids", "labels", "document_ids", "image_token_index", "position_ids", "targets",
+                 "loss_tokens")
 """Batch tensors with a sequence axis (the last one); everything else is whole on every rank."""
 
 
@@ -123,24 +130,57 @@ def shard_batch(batch: dict, sp: SequenceParallel) -> dict:
     return {k: sp.shard(v, dim=-1) if k in SEQUENCE_KEYS else v for k, v in batch.items()}
 
 
-def encode_images_split(encode, pixel_values_NLD: torch.Tensor, grid_NL3: torch.Tensor,
-                        frame_lengths_NF: torch.Tensor | None, sp: SequenceParallel | None):
-    """Run ``encode(pixels, grid, frame_lengths)`` (-> a merged-embedding tensor [N * L', D], or a
-    tuple of such tensors and lists of them; image-slot major) on this rank's share of the N image
-    slots, then all-gather the results: the group splits the vision encoder's work instead of
-    repeating it. N divides by the degree (checked up front)."""
-    if sp is None:
-        return encode(pixel_values_NLD, grid_NL3, frame_lengths_NF)
-    mine = [None if x is None else x.chunk(sp.degree)[sp.rank]
-            for x in (pixel_values_NLD, grid_NL3, frame_lengths_NF)]
-    out = encode(*mine)
+def sequence_parallel_mask(segment_ids_BS: torch.Tensor, *, causal: bool, backend: str,
+                           segment_lengths_BK: torch.Tensor | None = None,
+                           sp: SequenceParallel) -> AttentionMask:
+    """The decoder's mask on this rank's share of each row: the kernel sees the whole row's keys
+    (CP), or the whole row's queries and keys (Ulysses), masked by their positions in the row."""
+    if backend == "varlen" and sp.mode == "cp":
+        raise ValueError("context parallelism needs the sdpa or flex attention backend")
+    S_local, device = segment_ids_BS.shape[1], segment_ids_BS.device
+    kv_ids = sp.gather_sequence(segment_ids_BS)
+    kv_pos = sp.row_positions(S_local, device, gathered=True)
+    if sp.mode == "ulysses":  # queries are the whole row too
+        q_ids, q_pos = kv_ids, kv_pos
+    else:
+        q_ids, q_pos = segment_ids_BS, sp.row_positions(S_local, device, gathered=False)
+    return mask_from_positions(q_ids, kv_ids, q_pos, kv_pos, causal=causal, backend=backend,
+                               segment_lengths_BK=segment_lengths_BK)
+
+
+def sequence_parallel_attend(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor,
+                             mask: AttentionMask, *, sp: SequenceParallel) -> torch.Tensor:
+    """``attend`` on this rank's share of the row: Ulysses trades the sequence split for a head
+    split around the kernel; CP gives the kernel every rank's keys and values."""
+    if sp.mode == "ulysses":
+        # this rank's slice of the row with all heads -> the whole row with a slice of the heads
+        q_BSHD = sp.sequence_to_heads(q_BSHD)
+        k_BSHD, v_BSHD = sp.kv_sequence_to_heads(k_BSHD), sp.kv_sequence_to_heads(v_BSHD)
+        return sp.heads_to_sequence(attend(q_BSHD, k_BSHD, v_BSHD, mask))
+    k_BSHD, v_BSHD = sp.gather_sequence(k_BSHD), sp.gather_sequence(v_BSHD)
+    return attend(q_BSHD, k_BSHD, v_BSHD, mask)
+
+
+def split_vision_encoder(encoder: nn.Module, last: nn.Module, sp: SequenceParallel):
+    """Hooks that run ``encoder`` (forward(pixels [N, L, D], grid [N, L, 3], frame_lengths [N, F]
+    or None)) on this rank's share of the N image slots, and all-gather the output of ``last``
+    (the encoder itself, or a per-token module run on its output, e.g. a projector: a merged
+    embedding tensor [N * L', D], or a tuple of such tensors and lists of them; image-slot major).
+    The group splits the vision work instead of repeating it; N divides by the degree (checked up
+    front)."""
+    def my_slots(module, args):
+        return tuple(None if x is None else x.chunk(sp.degree)[sp.rank] for x in args)
 
     def gather(x):
         return all_gather(x, 0, sp.mesh)
 
-    if isinstance(out, torch.Tensor):
-        return gather(out)
-    return type(out)(gather(x) if isinstance(x, torch.Tensor) else [gather(y) for y in x] for x in out)
+    def gather_output(module, args, out):
+        if isinstance(out, torch.Tensor):
+            return gather(out)
+        return type(out)(gather(x) if isinstance(x, torch.Tensor) else [gather(y) for y in x] for x in out)
+
+    encoder.register_forward_pre_hook(my_slots)
+    last.register_forward_hook(gather_output)
 
 
 def check_sequence_parallel(dims, decoder_args, seq_len: int, image_slots: int, backend: str):
@@ -197,6 +237,17 @@ def sequence_parallel_group(mesh, dims) -> SequenceParallel | None:
     return None
 
 
-def apply_sequence_parallel(decoder, mesh, dims):
-    """Hand the decoder (and with it the model's image encoding) its sequence-parallel group."""
-    decoder.sequence_parallel = sequence_parallel_group(mesh, dims)
+def apply_sequence_parallel(model: nn.Module, mesh, dims, vision_output: nn.Module | None = None):
+    """Under CP or Ulysses: the decoder masks and attends over this rank's share of each row, and
+    the vision encoder (``model.vision`` when this stage has one) splits its image slots over the
+    group, its embeddings all-gathered at the output of ``vision_output`` (default: the
+    encoder)."""
+    sp = sequence_parallel_group(mesh, dims)
+    if sp is None:
+        return
+    decoder = model.decoder
+    decoder.build_mask = functools.partial(sequence_parallel_mask, sp=sp)
+    for layer in decoder.layers.values():
+        layer.attention.attend = functools.partial(sequence_parallel_attend, sp=sp)
+    if getattr(model, "vision", None) is not None:
+        split_vision_encoder(model.vision, vision_output or model.vision, sp)

@@ -7,7 +7,7 @@ Between blocks the stream is whole on every tp rank, so the projector / mergers,
 DeepStack additions and the final norm stay single-device code with replicated weights (identical
 inputs give identical gradients, so they need no reduction). The token embeddings and the output
 head are split over the vocabulary (``apply_tp_embeddings_and_head``); with loss parallelism the
-loss is computed on each rank's vocabulary slice of the logits (titan_mm/train/loss.py).
+loss is computed on each rank's vocabulary slice of the logits (titan_mm/objectives/loss.py).
 
 Family-specific ViT plans (Qwen2.5-VL, Qwen3-VL) live in the family's parallelize.py and use
 ``parallelize_block``.
@@ -82,15 +82,15 @@ def qwen_vit_block_plan(mlp: dict) -> dict:
     }
 
 
-def apply_tp_embeddings_and_head(decoder: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool):
+def apply_tp_embeddings_and_head(decoder: nn.Module, tp_mesh: DeviceMesh):
     """Token embeddings and output head split over the vocabulary (rows of both weights).
 
     The lookup gives each rank the rows of its vocabulary slice (zeros elsewhere) and all-reduces
-    them. The decoder applies the head with F.linear on the output weight, or on the embedding table
-    when tied (no module call, so no module hooks there): the final norm hands its output on as a
-    replicated DTensor, and F.linear with the vocabulary-split weight gives each rank the logits of
-    its slice, a DTensor sharded on the last dim. That is left so for loss parallelism, else gathered
-    at the decoder's output. Modules a pipeline stage lacks are skipped.
+    them. The final norm hands its output on as a replicated DTensor: the objective applies the
+    head with F.linear on the output weight, or on the embedding table when tied (no module call,
+    so no module hooks there), which gives each rank the logits of its vocabulary slice, a DTensor
+    sharded on the last dim (titan_mm/objectives/loss.py). Modules a pipeline stage lacks are
+    skipped.
     """
     plan = {}
     if decoder.tok_embeddings is not None:
@@ -102,9 +102,6 @@ def apply_tp_embeddings_and_head(decoder: nn.Module, tp_mesh: DeviceMesh, loss_p
         plan["norm"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Replicate(),
                                            use_local_output=False)
     parallelize_module(decoder, tp_mesh, plan)
-    if decoder.norm is not None and not loss_parallel:
-        parallelize_module(decoder, tp_mesh, PrepareModuleOutput(
-            output_layouts=Shard(-1), desired_output_layouts=Replicate(), use_local_output=True))
 
 
 def parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, plan: dict, n_extra_inputs: int):

@@ -22,18 +22,21 @@ from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_embeddi
 def parallelize_vision_language(model: nn.Module, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
                                 compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype,
                                 *, apply_tp_vision: Callable[[nn.ModuleDict, DeviceMesh], None],
-                                vision_fsdp_units: Callable[[nn.Module], list[nn.Module]]) -> nn.Module:
+                                vision_fsdp_units: Callable[[nn.Module], list[nn.Module]],
+                                vision_output: Callable[[nn.Module], nn.Module] = lambda model: model.vision,
+                                ) -> nn.Module:
     """Parallelize a model with ``vision`` (None on a later pipeline stage) and a Llama-style
     ``decoder``. apply_tp_vision(vision.layers, tp_mesh) applies the ViT's TP plan;
     vision_fsdp_units(vision) lists the vision modules sharded on their own (its blocks, and
-    mergers large enough to gather separately)."""
-    apply_sequence_parallel(model.decoder, mesh, parallel_dims)
+    mergers large enough to gather separately); vision_output(model) is the module whose output
+    are the image embeddings the decoder takes (sequence parallelism gathers them there)."""
+    apply_sequence_parallel(model, mesh, parallel_dims, vision_output(model))
     block_groups = [part.layers for part in (model.vision, model.decoder) if part is not None]
     if parallel_dims.tp_enabled:
         if model.vision is not None:
             apply_tp_vision(model.vision.layers, mesh["tp"])
         apply_tp_decoder(model.decoder.layers, mesh["tp"], model.args.decoder.qk_norm)
-        apply_tp_embeddings_and_head(model.decoder, mesh["tp"], parallel_dims.loss_parallel_enabled)
+        apply_tp_embeddings_and_head(model.decoder, mesh["tp"])
     for blocks in block_groups:
         apply_activation_checkpointing(blocks, ac_cfg)
     if compile_cfg.enable:

@@ -14,9 +14,7 @@ from torch import nn
 from titan_mm.data.batch import BatchShape
 from titan_mm.data.image import VisionInputSpec
 from titan_mm.models.attention import attend, segment_mask
-from titan_mm.models.loss import linear_cross_entropy
 from titan_mm.models.rope import RopeScaling, apply_rope, rope_attention_scaling, rope_cos_sin, rope_inv_freq
-from titan_mm.parallel.sequence import SequenceParallel
 
 
 @dataclass
@@ -45,6 +43,9 @@ class DecoderArgs:
     attention_backend: str = "sdpa"
     """Attention kernel: sdpa, flex or varlen (titan_mm/models/attention.py); set from
     model.attention_backend by the trainer."""
+    causal: bool = True
+    """Attention within each document: causal, or bidirectional (False); set from the training
+    objective by the trainer (titan_mm/objectives)."""
 
 
 class RMSNorm(nn.Module):
@@ -72,6 +73,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        # a callable attribute: sequence parallelism swaps in its own around the kernel
+        # (titan_mm/parallel/sequence.py)
+        self.attend = attend
 
     def forward(self, x_BSD, cos, sin, mask):
         B, S, _ = x_BSD.shape
@@ -82,7 +86,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.wo(attend(q, k, v, mask).reshape(B, S, -1))
+        return self.wo(self.attend(q, k, v, mask).reshape(B, S, -1))
 
     def init_weights(self, std: float, out_std: float):
         for lin in (self.wq, self.wk, self.wv):
@@ -135,7 +139,9 @@ class TransformerBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Token embeddings -> blocks -> norm -> logits.
+    """Token embeddings -> blocks -> norm: the final hidden states. The output head's weight is
+    held here (``head_weight``) and applied by the training objective (titan_mm/objectives) or
+    ``logits``.
 
     A pipeline stage may lack tok_embeddings (not first) or norm and output (not last); layers is a
     ModuleDict so stages keep their original layer names.
@@ -147,41 +153,45 @@ class Decoder(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        # tied embeddings reuse tok_embeddings.weight in forward instead of sharing a Parameter:
-        # sharing does not survive to_empty() or FSDP sharding
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, scaling=args.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.sequence_parallel: SequenceParallel | None = None
-        """Set by parallelize under context parallelism or Ulysses: rows arrive split along the
-        sequence and attention exchanges what it needs (titan_mm/parallel/sequence.py)."""
+        # a callable attribute: sequence parallelism swaps in its own, which masks this rank's
+        # share of each row (titan_mm/parallel/sequence.py)
+        self.build_mask = segment_mask
 
     def forward(self, h_BSD: torch.Tensor, position_ids: torch.Tensor, document_ids_BS: torch.Tensor,
                 layer_additions: list[torch.Tensor] | None = None,
-                document_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                document_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """h_BSD: input embeddings (or token ids [B, S] when this stage has tok_embeddings).
         position_ids: [B, S], or [B, 3, S] with M-RoPE. layer_additions[i] ([B, S, D]) is added to
         the output of layer i (DeepStack visual features). document_lengths [B, K]: each row's
-        document (and padding) lengths, for the varlen attention backend. Returns logits [B, S, V],
-        or with ``labels`` [B, S] the summed cross-entropy of the labelled tokens, computed in
-        chunks without materialising the logits (titan_mm/models/loss.py)."""
+        document (and padding) lengths, for the varlen attention backend. Returns the final hidden
+        states [B, S, D] (after the final norm; before it on a pipeline stage without one)."""
         if self.tok_embeddings is not None and not h_BSD.is_floating_point():
             h_BSD = self.tok_embeddings(h_BSD)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.mrope_section,
                                 self.args.mrope_interleaved, rope_attention_scaling(self.args.rope_scaling))
-        mask = segment_mask(document_ids_BS, causal=True, backend=self.args.attention_backend,
-                            segment_lengths_BK=document_lengths, sp=self.sequence_parallel)
+        mask = self.build_mask(document_ids_BS, causal=self.args.causal, backend=self.args.attention_backend,
+                               segment_lengths_BK=document_lengths)
         for i, layer in enumerate(self.layers.values()):
             h_BSD = layer(h_BSD, cos, sin, mask)
             if layer_additions is not None and i < len(layer_additions):
                 h_BSD = h_BSD + layer_additions[i]
         if self.norm is None:  # not the last pipeline stage
             return h_BSD
-        h_BSD = self.norm(h_BSD)
-        weight = self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
-        if labels is not None:
-            return linear_cross_entropy(h_BSD.flatten(0, 1), weight, labels.flatten())
-        return F.linear(h_BSD, weight)
+        return self.norm(h_BSD)
+
+    def head_weight(self) -> torch.Tensor:
+        """The output head's weight [V, D] (the token embeddings when tied)."""
+        # tied embeddings reuse tok_embeddings.weight instead of sharing a Parameter: sharing does
+        # not survive to_empty() or FSDP sharding
+        return self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
+
+    def logits(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        """[B, S, V] logits of final hidden states (evaluation and sampling; training leaves the
+        head to the objective, which never materialises all logits)."""
+        return F.linear(h_BSD, self.head_weight())
 
     @torch.no_grad()
     def init_weights(self):
@@ -221,11 +231,9 @@ class TextModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
                 image_token_index: torch.Tensor | None = None, document_lengths: torch.Tensor | None = None,
-                frame_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids/position_ids/document_ids [B, S]. Returns logits [B, S, V] (or with labels the
-        summed loss, see Decoder.forward)."""
-        return self.decoder(input_ids, position_ids, document_ids, document_lengths=document_lengths,
-                            labels=labels)
+                frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids/position_ids/document_ids [B, S]. Returns the final hidden states [B, S, D]."""
+        return self.decoder(input_ids, position_ids, document_ids, document_lengths=document_lengths)
 
     def init_weights(self):
         self.decoder.init_weights()
@@ -233,10 +241,10 @@ class TextModel(nn.Module):
 
 def training_flops(args: TextArgs, shape: BatchShape) -> float:
     """Matmul FLOPs of one training step (3 x forward) over valid tokens; attention counts causal
-    pairs inside each document."""
+    (bidirectional: all) pairs inside each document."""
     d = args.decoder
     q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
     linear = d.n_layers * (2 * d.dim * q_dim + 2 * d.dim * kv_dim + 3 * d.dim * d.ffn_hidden_dim)
     linear += d.dim * d.vocab_size
-    attention = d.n_layers * 2 * q_dim * shape.doc_len_sq_sum  # causal: half of 4 * S^2 * q_dim
+    attention = d.n_layers * (2 if d.causal else 4) * q_dim * shape.doc_len_sq_sum  # causal: half of 4 S^2
     return 3.0 * (2 * linear * shape.tokens + attention)

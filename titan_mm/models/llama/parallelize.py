@@ -15,11 +15,11 @@ from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_embeddi
 
 def parallelize_llama(model: TextModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
                       compile_cfg: Compile, ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype):
-    apply_sequence_parallel(model.decoder, mesh, parallel_dims)
+    apply_sequence_parallel(model, mesh, parallel_dims)
     blocks = model.decoder.layers
     if parallel_dims.tp_enabled:
         apply_tp_decoder(blocks, mesh["tp"], model.args.decoder.qk_norm)
-        apply_tp_embeddings_and_head(model.decoder, mesh["tp"], parallel_dims.loss_parallel_enabled)
+        apply_tp_embeddings_and_head(model.decoder, mesh["tp"])
     apply_activation_checkpointing(blocks, ac_cfg)
     if compile_cfg.enable:
         apply_compile(blocks)

@@ -16,7 +16,6 @@ from titan_mm.data.image import VisionInputSpec
 from titan_mm.models.llama.model import Decoder, DecoderArgs
 from titan_mm.models.multimodal import image_token_positions, scatter_image_embeddings
 from titan_mm.models.siglip2.model import VisionArgs, VisionTransformer
-from titan_mm.parallel.sequence import encode_images_split
 
 
 @dataclass
@@ -84,24 +83,20 @@ class LlavaModel(nn.Module):
                 pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
                 image_token_index: torch.Tensor | None = None,
                 document_lengths: torch.Tensor | None = None,
-                frame_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/position_ids/document_ids/image_token_index [B, S]; pixel_values [N, L, D];
         grid_thw [N, L, 3]; document_lengths [B, K] and frame_lengths [N, F] for the varlen
-        attention backend. Returns logits [B, S, V], or with labels [B, S] the summed
-        loss of the labelled tokens (see Decoder.forward).
+        attention backend. Returns the final hidden states [B, S, D].
 
         A later pipeline stage has no vision encoder: it gets the previous stage's hidden states
         [B, S, D] in place of input_ids, and no media."""
         if self.vision is None:
-            return self.decoder(input_ids, position_ids, document_ids, document_lengths=document_lengths,
-                                labels=labels)
+            return self.decoder(input_ids, position_ids, document_ids, document_lengths=document_lengths)
         h_BSD = self.decoder.tok_embeddings(input_ids)
-        image_embeds_MD = encode_images_split(self.encode_images, pixel_values, grid_thw, frame_lengths,
-                                              self.decoder.sequence_parallel)
+        image_embeds_MD = self.encode_images(pixel_values, grid_thw, frame_lengths)
         positions_M = image_token_positions(image_token_index, image_embeds_MD.shape[0])
         h_BSD = scatter_image_embeddings(h_BSD, image_embeds_MD, positions_M)
-        return self.decoder(h_BSD, position_ids, document_ids, document_lengths=document_lengths,
-                            labels=labels)
+        return self.decoder(h_BSD, position_ids, document_ids, document_lengths=document_lengths)
 
     def encode_images(self, pixel_values_NLD, grid_NL3, frame_lengths_NF=None) -> torch.Tensor:
         """Merged image embeddings [N * L / m^2, decoder dim], image-slot major."""
@@ -117,8 +112,8 @@ class LlavaModel(nn.Module):
 def training_flops(args: LlavaArgs, shape: BatchShape) -> float:
     """Matmul FLOPs of one training step (3 x forward) over valid tokens and patches.
 
-    Attention counts causal pairs inside each document for the decoder and full pairs inside each
-    image for the ViT; padding is not counted.
+    Attention counts causal (bidirectional: all) pairs inside each document for the decoder and
+    full pairs inside each image for the ViT; padding is not counted.
     """
     d, v = args.decoder, args.vision
     q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
@@ -130,6 +125,6 @@ def training_flops(args: LlavaArgs, shape: BatchShape) -> float:
     forward = (2 * decoder_linear * shape.tokens
                + 2 * vit_linear * shape.patches
                + 2 * projector * shape.patches / merge_area
-               + d.n_layers * 2 * q_dim * shape.doc_len_sq_sum  # causal: half of 4 * S^2 * q_dim
+               + d.n_layers * (2 if d.causal else 4) * q_dim * shape.doc_len_sq_sum  # causal: half of 4 S^2
                + v.n_layers * 4 * v.dim * shape.image_patches_sq_sum)
     return 3.0 * forward

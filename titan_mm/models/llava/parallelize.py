@@ -8,4 +8,6 @@ from titan_mm.parallel.vision_language import parallelize_vision_language
 
 parallelize_llava = functools.partial(
     parallelize_vision_language, apply_tp_vision=apply_tp_vision,
-    vision_fsdp_units=lambda vision: list(vision.layers.values()))
+    vision_fsdp_units=lambda vision: list(vision.layers.values()),
+    # the projector runs per image token: the sequence-parallel ranks split it with the ViT
+    vision_output=lambda model: model.projector)

@@ -22,7 +22,6 @@ from titan_mm.models.llama.model import Decoder, DecoderArgs, RMSNorm
 from titan_mm.models.multimodal import image_token_positions, scatter_image_embeddings, visual_item_ids
 from titan_mm.models.qwen2_5_vl.positions import mrope_position_ids
 from titan_mm.models.rope import apply_rope, rope_2d_cos_sin
-from titan_mm.parallel.sequence import encode_images_split
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -235,24 +234,20 @@ class Qwen2_5_VLModel(nn.Module):
                 pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
                 image_token_index: torch.Tensor | None = None,
                 document_lengths: torch.Tensor | None = None,
-                frame_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/document_ids/image_token_index [B, S]; position_ids [B, 3, S] (M-RoPE);
         pixel_values [N, L, D]; grid_thw [N, L, 3]; document_lengths [B, K] and frame_lengths
-        [N, F] for the varlen attention backend. Returns logits [B, S, V], or with labels [B, S] the summed
-        loss of the labelled tokens (see Decoder.forward).
+        [N, F] for the varlen attention backend. Returns the final hidden states [B, S, D].
 
         A later pipeline stage has no vision encoder: it gets the previous stage's hidden states
         [B, S, D] in place of input_ids, and no media."""
         if self.vision is None:
-            return self.decoder(input_ids, position_ids, document_ids, document_lengths=document_lengths,
-                                labels=labels)
+            return self.decoder(input_ids, position_ids, document_ids, document_lengths=document_lengths)
         h_BSD = self.decoder.tok_embeddings(input_ids)
-        image_embeds_MD = encode_images_split(self.vision, pixel_values, grid_thw, frame_lengths,
-                                              self.decoder.sequence_parallel)
+        image_embeds_MD = self.vision(pixel_values, grid_thw, frame_lengths)
         positions_M = image_token_positions(image_token_index, image_embeds_MD.shape[0])
         h_BSD = scatter_image_embeddings(h_BSD, image_embeds_MD, positions_M)
-        return self.decoder(h_BSD, position_ids, document_ids, document_lengths=document_lengths,
-                            labels=labels)
+        return self.decoder(h_BSD, position_ids, document_ids, document_lengths=document_lengths)
 
     def init_weights(self):
         if self.vision is not None:  # else a later pipeline stage
@@ -263,9 +258,10 @@ class Qwen2_5_VLModel(nn.Module):
 def training_flops(args: Qwen2_5_VLArgs, shape: BatchShape) -> float:
     """Matmul FLOPs of one training step (3 x forward) over valid tokens and patches.
 
-    Decoder attention counts causal pairs inside each document. ViT full-attention layers count all
-    pairs inside each visual item (an image, or one frame of a video); window layers count one full
-    window per patch (an upper bound at image borders). Padding is not counted.
+    Decoder attention counts causal (bidirectional: all) pairs inside each document. ViT
+    full-attention layers count all pairs inside each visual item (an image, or one frame of a
+    video); window layers count one full window per patch (an upper bound at image borders).
+    Padding is not counted.
     """
     d, v = args.decoder, args.vision
     q_dim, kv_dim = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
@@ -281,6 +277,6 @@ def training_flops(args: Qwen2_5_VLArgs, shape: BatchShape) -> float:
     forward = (2 * decoder_linear * shape.tokens
                + 2 * vit_linear * shape.patches
                + 2 * merger * shape.patches / merge_area
-               + d.n_layers * 2 * q_dim * shape.doc_len_sq_sum  # causal: half of 4 * S^2 * q_dim
+               + d.n_layers * (2 if d.causal else 4) * q_dim * shape.doc_len_sq_sum  # causal: half of 4 S^2
                + vit_attention)
     return 3.0 * forward
