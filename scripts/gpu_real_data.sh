@@ -9,9 +9,10 @@
 # Needs shared/bench/ (hf_vlm_baseline.py, hf_real_baseline.py) copied into the repository root;
 # torchdata, when not installed, is taken from a wheel in .whl/. Environment knobs: PYTHON (python3),
 # WARMUP (4) and STEPS (8) for bench_train, STAGES (all of: data hf_synthetic synthetic hf_real
-# captions chat qwen25; also captions_fp32, captions_varlen, synthetic_varlen), CAPTIONS (600) and
+# captions chat qwen25; also captions_varlen, synthetic_varlen), CAPTIONS (600) and
 # CHATS (300) samples to generate, DATA (OUTDIR/data) where the generated data lives, PARAM_DTYPE
-# (bf16: parameters, gradients and AdamW state in bf16, as the synthetic bench and HF keep them),
+# (bf16: parameters, gradients and AdamW state in bf16, as the synthetic bench and HF keep them;
+# fp32: the trainer's default master weights),
 # NUM_WORKERS (auto) loader workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,9 +80,6 @@ has hf_real && run hf_real env OUT="$out" "$PYTHON" shared/bench/hf_real_baselin
     --tokenizer assets/tokenizer/tokenizer.json --bos --warmup 3 --steps "$STEPS" "${hf_tiny[@]}"
 has captions && run bench_train_qwen3_vl_captions "$PYTHON" scripts/bench_train.py "${qwen3[@]}" "${common[@]}" \
     "${captions[@]}" --activation_checkpoint.mode none --name qwen3_vl_captions --out "$out/bench_train_qwen3_vl_captions.json"
-has captions_fp32 && run bench_train_qwen3_vl_captions_fp32 "$PYTHON" scripts/bench_train.py "${qwen3[@]}" \
-    "${common[@]}" "${captions[@]}" --activation_checkpoint.mode none --training.param_dtype fp32 \
-    --name qwen3_vl_captions_fp32 --out "$out/bench_train_qwen3_vl_captions_fp32.json"
 has captions_varlen && run bench_train_qwen3_vl_captions_varlen "$PYTHON" scripts/bench_train.py "${qwen3[@]}" \
     "${common[@]}" "${captions[@]}" --activation_checkpoint.mode none --model.attention_backend varlen \
     --name qwen3_vl_captions_varlen --out "$out/bench_train_qwen3_vl_captions_varlen.json"
