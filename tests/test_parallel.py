@@ -56,7 +56,7 @@ def torchrun(nproc: int, dump, *args: str) -> dict[int, float]:
             cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"))
         # torch 2.13's CPU collectives (gloo), rarely: a rank killed by SIGSEGV / SIGABRT, or a hang
         # with one pair of context-parallel ranks blocked in an all-gather that their peers have
-        # left (seen once in ~40 8-process runs). Such a run is run again: a hung or killed
+        # left (seen once). Such a run is run again: a hung or killed
         # attempt writes no checkpoint and no losses, so the next one starts where it did. Any
         # other failure, and wrong losses, fail at once.
         if returncode is None:
