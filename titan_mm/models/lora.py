@@ -89,11 +89,11 @@ def adapter_scalings(model: nn.Module) -> dict[str, float]:
 
 def merge_adapters(state_dict: dict[str, torch.Tensor], scalings: dict[str, float]) -> dict[str, torch.Tensor]:
     """The state dict of the equivalent plain model: W + (alpha / r) B A for every adapted layer, the
-    adapter keys dropped. Takes full (unsharded) tensors; the product is formed in fp32."""
+    adapter keys dropped. Takes full (unsharded) tensors; the sum is formed in fp32 or better."""
     out = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
     for name, scaling in scalings.items():
-        a = state_dict[f"{name}.lora_A.weight"].float()
-        b = state_dict[f"{name}.lora_B.weight"].float()
         w = state_dict[f"{name}.weight"]
-        out[f"{name}.weight"] = (w.float() + scaling * (b @ a)).to(w.dtype)
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        a, b = (state_dict[f"{name}.{part}.weight"].to(dtype) for part in ADAPTER_PARTS)
+        out[f"{name}.weight"] = (w.to(dtype) + scaling * (b @ a)).to(w.dtype)
     return out
