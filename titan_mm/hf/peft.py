@@ -44,7 +44,7 @@ def peft_adapter(loras: dict[str, LoRALinear], weights: dict[str, tuple[torch.Te
                  adapter: HFAdapter) -> tuple[dict[str, torch.Tensor], dict]:
     """(adapter_model.safetensors tensors, adapter_config.json) of the adapters ``weights`` (full
     tensors: {our module name: (A, B)}) of the layers ``loras``."""
-    (rank, scaling, dropout), *others = {(m.lora_A.out_features, m.scaling, _dropout_p(m)) for m in loras.values()}
+    (rank, scaling, dropout), *others = {(m.lora_A.weight.shape[0], m.scaling, _dropout_p(m)) for m in loras.values()}
     if others:
         raise ValueError("the adapters differ in rank, alpha or dropout; a PEFT config holds one of each")
     base_keys = {f"{name}.weight": name for name in loras}

@@ -25,15 +25,26 @@ UNREACHABLE_LINEARS = ("decoder.output",)
 F.linear on its weight): an adapter there would never run."""
 
 
+class AdapterMatrix(nn.Module):
+    """One LoRA factor, a bias-free linear map; not an nn.Linear, so that the families' init loops
+    over their Linear layers leave it alone."""
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class LoRALinear(nn.Linear):
     """A Linear layer plus a low-rank update; at init (B = 0) it computes exactly the base layer."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
+        self.lora_A = AdapterMatrix(base.in_features, rank, base.weight.device, base.weight.dtype)
+        self.lora_B = AdapterMatrix(rank, base.out_features, base.weight.device, base.weight.dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / rank
 

@@ -113,7 +113,12 @@ def parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, plan: dict, n_extra
     tensors that are not split (rotary tables, masks)."""
     plan = {fqn: with_adapters(style) if isinstance(block.get_submodule(fqn), LoRALinear) else style
             for fqn, style in plan.items()}
+    frozen = [name for name, p in block.named_parameters() if not p.requires_grad]
     parallelize_module(block, tp_mesh, plan)
+    # SequenceParallel re-creates the norms' parameters trainable (torch 2.11 - 2.13): frozen
+    # weights (LoRA's base model) stay frozen
+    for name in frozen:
+        block.get_parameter(name).requires_grad_(False)
     extra = (None,) * n_extra_inputs
     # the stream enters whole and leaves whole: cut it to this rank's sequence slice on the way in
     # (no communication), gather it on the way out
