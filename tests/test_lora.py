@@ -46,7 +46,8 @@ def test_lora_trains_only_the_adapters_and_adapters_only_checkpoints_resume(tmp_
     seed = seed_checkpoint(tmp_path)  # base weights only: the adapters take their init from the job seed
     common = [*SMALL, *LORA, "--checkpoint.enable", "true", "--checkpoint.initial_load_path", seed,
               "--lora.save_adapters_only", "true", "--checkpoint.export_model_only", "false",
-              "--checkpoint.async_save", "false", "--training.steps", "6"]
+              "--checkpoint.async_save", "false", "--training.steps", "6",
+              "--lr_scheduler.warmup_steps", "20"]  # steps 1-6 warm up: the same lr whatever training.steps
     straight = train_losses(make_config(tmp_path / "straight", *common, "--checkpoint.interval", "100"))
     first = make_config(tmp_path / "resumed", *common, "--training.steps", "3")
     import train
