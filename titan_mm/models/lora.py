@@ -60,6 +60,8 @@ class LoRALinear(nn.Linear):
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Freeze every parameter of ``model``, then give the Linear layers that ``cfg.target_modules``
     select a trainable adapter. Returns their names."""
+    if not cfg.target_modules:
+        raise ConfigError("lora.enabled = true but lora.target_modules is empty: name the Linear layers to adapt")
     linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
     targets = []
     for pattern in cfg.target_modules:
