@@ -31,7 +31,7 @@ from titan_mm.config import Checkpoint as CheckpointConfig
 from titan_mm.config import ConfigError
 from titan_mm.hf.io import load_hf_weights, save_hf_weights
 from titan_mm.hf.peft import save_peft_adapter
-from titan_mm.models.lora import is_adapter_key
+from titan_mm.models.lora import adapter_scalings, is_adapter_key
 from titan_mm.train.manifest import ChecksummingWriter, commit, fsync_folder, saved_steps, step_folder
 
 logger = logging.getLogger(__name__)
@@ -345,7 +345,9 @@ class CheckpointManager:
         their initialisation. Any other shape difference fails as DCP does."""
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         # a base model's weights for a LoRA model: its adapters too if the folder holds them
-        model = ModelState(self.model_parts, include=lambda k: not is_adapter_key(k) or f"model.{k}" in stored)
+        lora = any(adapter_scalings(part) for part in self.model_parts)
+        model = ModelState(self.model_parts,
+                           include=(lambda k: not is_adapter_key(k) or f"model.{k}" in stored) if lora else None)
         state = model.state_dict()
         grown = {}
         for name, tensor in state.items():
