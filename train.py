@@ -25,6 +25,7 @@ from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.hf.convert import args_for_hf_folder
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.models.attention import resolve_backend
+from titan_mm.models.lora import apply_lora, init_adapters, is_adapter_key
 from titan_mm.objectives import args_for_objective, build_objective
 from titan_mm.objectives.base import normalise_targets
 from titan_mm.parallel.common import group_by_mesh
@@ -138,6 +139,11 @@ class Trainer:
             model = spec.model_cls(self.model_args)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("model %s/%s: %.2fM parameters", spec.name, cfg.model.flavor, n_params / 1e6)
+        if cfg.lora.enabled:
+            adapted = apply_lora(model, cfg.lora)
+            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            logger.info("LoRA rank %d on %d Linear layers: %.3fM trainable parameters, the rest frozen",
+                        cfg.lora.rank, len(adapted), n_trainable / 1e6)
 
         self.compute_dtype = resolve_dtype(cfg.training, self.device)
         if cfg.training.param_dtype == "bf16":
@@ -172,7 +178,9 @@ class Trainer:
             cfg.checkpoint, cfg.job.dump_folder, model_parts=self.model_parts, optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers, data_states=self.batches.checkpoint_states(),
             train_state=self.train_state, rank=self.rank, dp_rank=dp_rank, job=self.job,
-            group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args)
+            group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args,
+            saved_model_keys=is_adapter_key if cfg.lora.enabled and cfg.lora.save_adapters_only else None,
+            peft_export_path=cfg.lora.export_peft_path)
         self.checkpointer.load(self.resume_step)
         self.batches_prepared = self.train_state.step * cfg.training.gradient_accumulation_steps
         """Microbatches prepared so far (for their seeds; the steps before a resume count too)."""
@@ -195,6 +203,7 @@ class Trainer:
         model.to_empty(device=self.device)
         torch.manual_seed(self.cfg.job.seed)
         model.init_weights()
+        init_adapters(model)
         return model.train()
 
     def build_pipeline(self, model: torch.nn.Module, spec: ModelSpec, mesh) -> list[torch.nn.Module]:
@@ -246,7 +255,7 @@ class Trainer:
         last = step == self.cfg.training.steps
         preempted = self.preemption.requested()
         save = self.checkpointer.due(step, last) or (preempted and ckpt.enable)
-        if save or (last and ckpt.export_hf_path):
+        if save or (last and (ckpt.export_hf_path or self.cfg.lora.export_peft_path)):
             self.check_finite(step)
         if save:
             self.checkpointer.save(step, wait=last or preempted, last_step=last)
@@ -256,6 +265,8 @@ class Trainer:
             self.checkpointer.poll()
         if last and ckpt.export_hf_path:
             self.checkpointer.export_hf(ckpt.export_hf_path)
+        if last and self.cfg.lora.export_peft_path:
+            self.checkpointer.export_peft()
         if preempted:
             saved = f"saved checkpoint step-{step}" if ckpt.enable else "checkpoint.enable = false: nothing saved"
             logger.warning("preempted (%s) at step %d: %s; run the same command to resume",
@@ -397,8 +408,9 @@ class Trainer:
 
 def check_pipeline_job(cfg: JobConfig, spec: ModelSpec, model_args) -> list[range]:
     """Pipeline settings that cannot work fail before anything is built; returns each stage's layers."""
-    if cfg.checkpoint.initial_load_hf_path or cfg.checkpoint.export_hf_path:
-        raise ConfigError("checkpoint.initial_load_hf_path / export_hf_path need the whole model on each rank "
+    if cfg.checkpoint.initial_load_hf_path or cfg.checkpoint.export_hf_path or cfg.lora.export_peft_path:
+        raise ConfigError("checkpoint.initial_load_hf_path / export_hf_path / lora.export_peft_path need the whole "
+                          "model on each rank "
                           "and do not work with pipeline parallelism; convert with scripts/convert_hf_to_dcp.py "
                           "(then checkpoint.initial_load_path) or scripts/convert_dcp_to_hf.py instead")
     first_stage_layers = spec.pipeline_first_stage_layers(model_args) if spec.pipeline_first_stage_layers else 1

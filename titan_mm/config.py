@@ -341,6 +341,34 @@ class Objective:
 
 
 @dataclass
+class Lora:
+    enabled: bool = False
+    """Train low-rank adapters instead of the model (docs/lora.md): every Linear layer named by
+    target_modules gets y = x W^T + b + (alpha / rank) * B A dropout(x), with A kaiming-uniform and
+    B zero (the model starts as the base model); every other parameter is frozen."""
+    rank: int = 8
+    """Rank r of each adapter (A is r x in_features, B is out_features x r)."""
+    alpha: float = 16.0
+    """The adapter's output is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (the base layer sees the undropped input)."""
+    target_modules: list[str] = field(default_factory=lambda: ["decoder.layers.*.attention.w[qkvo]",
+                                                               "decoder.layers.*.feed_forward.w[123]"])
+    """fnmatch patterns on module names (``*`` also crosses dots): the Linear layers that get
+    adapters, e.g. "decoder.layers.*.attention.wq" or "vision.layers.*.attn.*". A pattern that
+    matches no Linear layer is an error."""
+    save_adapters_only: bool = False
+    """Training checkpoints hold only the adapters (and their optimizer state), not the frozen base
+    weights; a resume reads the base weights from checkpoint.initial_load_path /
+    initial_load_hf_path (or, without one, re-initialises them from job.seed) and the adapters
+    from the checkpoint."""
+    export_peft_path: str = ""
+    """At the last step, also write the adapters as a PEFT folder (adapter_config.json +
+    adapter_model.safetensors, HF module names) here, for PeftModel.from_pretrained on the HF base
+    model; empty = none. checkpoint.export_hf_path writes the adapters merged into the weights."""
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -354,6 +382,7 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     objective: Objective = field(default_factory=Objective)
+    lora: Lora = field(default_factory=Lora)
 
 
 # --- value checks that need more than a type ------------------------------------------------------
@@ -364,13 +393,13 @@ _POSITIVE = {
     "training.gradient_accumulation_steps", "training.nonfinite_max_consecutive", "optimizer.lr",
     "checkpoint.interval",
     "metrics.log_freq", "parallelism.tensor_parallel_degree", "parallelism.pipeline_parallel_degree",
-    "parallelism.pipeline_parallel_stages_per_rank",
+    "parallelism.pipeline_parallel_stages_per_rank", "lora.rank",
 }
 _NON_NEGATIVE = {
     "data.num_workers", "data.plan_samples", "training.max_norm", "optimizer.weight_decay", "optimizer.eps",
     "lr_scheduler.warmup_steps", "checkpoint.keep_latest_k", "metrics.peak_tflops",
 }
-_UNIT_INTERVAL = {"lr_scheduler.decay_ratio", "lr_scheduler.min_lr_ratio", "optimizer.beta1",
+_UNIT_INTERVAL = {"lora.dropout", "lr_scheduler.decay_ratio", "lr_scheduler.min_lr_ratio", "optimizer.beta1",
                   "optimizer.beta2"}
 
 
@@ -403,6 +432,9 @@ def _check_values(cfg: JobConfig) -> list[str]:
                       f"{cfg.data.max_pixels}; lower min_pixels or raise max_pixels")
     errors += _check_mixture(cfg.data)
     errors += _check_data_files(cfg.data)
+    if not cfg.lora.enabled and (cfg.lora.save_adapters_only or cfg.lora.export_peft_path):
+        errors.append("lora.save_adapters_only / lora.export_peft_path are set but lora.enabled = false; "
+                      "enable LoRA or unset them")
     if cfg.checkpoint.initial_load_path and cfg.checkpoint.initial_load_hf_path:
         errors.append("checkpoint.initial_load_path and checkpoint.initial_load_hf_path are both set; "
                       "keep one")

@@ -31,6 +31,10 @@ class HFAdapter:
     """(prefix of names key_map writes, prefix other writers give the same tensors), tried in order
     for names a checkpoint lacks: e.g. transformers 5 saves a SigLIP2 tower without 'vision_model.'."""
 
+    hf_module_prefixes: list[tuple[str, str]] = []
+    """(prefix of names key_map writes, the prefix transformers 5 gives the same modules in memory),
+    where they differ: PEFT adapters name modules as a loaded model does."""
+
     def hf_config(self, args) -> dict:
         """config.json content for a model of these args (transformers can load it)."""
         raise NotImplementedError

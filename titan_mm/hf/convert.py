@@ -19,6 +19,7 @@ from titan_mm.config import ConfigError
 from titan_mm.hf.adapter import TOKEN_ID_FIELDS
 from titan_mm.hf.io import load_hf_weights, save_hf_weights
 from titan_mm.models import ModelSpec
+from titan_mm.models.lora import is_adapter_key
 from titan_mm.train.checkpoint import ModelState
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ def dcp_to_hf(spec: ModelSpec, dcp_folder: str, out_folder: str, flavor: str, dt
     else:
         args = spec.flavors[flavor]
     spec.hf_adapter.hf_config(args)  # fail before loading when the flavor has no HF layout
+    stored = dcp.FileSystemReader(dcp_folder).read_metadata().state_dict_metadata
+    if any(is_adapter_key(k) for k in stored):
+        # the adapters' alpha / rank is not in the checkpoint: they cannot be merged here
+        raise ValueError(f"{dcp_folder} holds LoRA adapters; export them from the run instead "
+                         f"(checkpoint.export_hf_path merges them, lora.export_peft_path writes a PEFT folder)")
     model = empty_model(spec, args)
     dcp.load({"model": ModelState(model)}, checkpoint_id=dcp_folder)
     save_hf_weights(model, spec.hf_adapter, args, out_folder, dtype=dtype)

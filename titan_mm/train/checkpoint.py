@@ -15,6 +15,7 @@ import pickle
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -29,6 +30,8 @@ from torch.distributed.tensor import DTensor
 from titan_mm.config import Checkpoint as CheckpointConfig
 from titan_mm.config import ConfigError
 from titan_mm.hf.io import load_hf_weights, save_hf_weights
+from titan_mm.hf.peft import save_peft_adapter
+from titan_mm.models.lora import adapter_scalings, is_adapter_key
 from titan_mm.train.manifest import ChecksummingWriter, commit, fsync_folder, saved_steps, step_folder
 
 logger = logging.getLogger(__name__)
@@ -50,17 +53,20 @@ def checkpoint_folder(cfg: CheckpointConfig, dump_folder: str) -> str:
 
 
 class ModelState(Stateful):
-    """The weights of a model, or of this rank's model parts (pipeline stages), by parameter name."""
+    """The weights of a model, or of this rank's model parts (pipeline stages), by parameter name;
+    with ``include``, only the names it accepts (e.g. LoRA adapters alone)."""
 
-    def __init__(self, model: torch.nn.Module | list[torch.nn.Module]):
+    def __init__(self, model: torch.nn.Module | list[torch.nn.Module], include: Callable[[str], bool] | None = None):
         self.parts = model if isinstance(model, list) else [model]
+        self.include = include
 
     def state_dict(self):
-        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()
+                if self.include is None or self.include(k)}
 
     def load_state_dict(self, state_dict):
         # each part takes its own names from the merged dict
-        strict = len(self.parts) == 1
+        strict = len(self.parts) == 1 and self.include is None
         for part in self.parts:
             set_model_state_dict(part, state_dict, options=StateDictOptions(strict=strict))
 
@@ -162,7 +168,7 @@ class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model_parts: list[torch.nn.Module],
                  optimizers: list, lr_schedulers: list, data_states: dict[str, Stateful],
                  train_state: Stateful, rank: int, dp_rank: int, job: dict, group=None, hf_adapter=None,
-                 model_args=None):
+                 model_args=None, saved_model_keys: Callable[[str], bool] | None = None, peft_export_path: str = ""):
         """model_parts: the whole model, or this rank's pipeline stages; one optimizer and LR
         scheduler per part. data_states: this rank's data position by checkpoint key
         (titan_mm/data/dataloader.py:data_states). job: what the manifest records of the run
@@ -173,7 +179,9 @@ class CheckpointManager:
         (tensor- and pipeline-parallel peers) hold the same loader state and one copy is kept, so a
         run resumes under another tp or pp degree as long as the data-parallel degree is unchanged.
         Their RNG states are taken to be interchangeable (training draws no random numbers after
-        initialisation)."""
+        initialisation). saved_model_keys: which weights training checkpoints hold (None = all;
+        LoRA's save_adapters_only: the adapters, the rest coming from the initial weights on resume).
+        peft_export_path: where export_peft writes a LoRA model's adapters (lora.export_peft_path)."""
         self.cfg = cfg
         self.folder = checkpoint_folder(cfg, dump_folder)
         self.rank, self.job, self.group = rank, job, group
@@ -187,16 +195,17 @@ class CheckpointManager:
         self.drill_enospc_step = int(os.environ.get(DRILL_ENOSPC_STEP, "0"))
         self.model_parts = model_parts
         self.hf_adapter, self.model_args = hf_adapter, model_args
-        if cfg.initial_load_hf_path or cfg.export_hf_path:
+        self.peft_export_path = peft_export_path
+        if cfg.initial_load_hf_path or cfg.export_hf_path or peft_export_path:
             if hf_adapter is None:
-                raise ConfigError("this model family has no HF adapter; unset checkpoint.initial_load_hf_path "
-                                  "and checkpoint.export_hf_path")
+                raise ConfigError("this model family has no HF adapter; unset checkpoint.initial_load_hf_path, "
+                                  "checkpoint.export_hf_path and lora.export_peft_path")
             try:
                 hf_adapter.hf_config(model_args)  # a flavor without an HF layout fails here, not at the end
             except ValueError as e:
                 raise ConfigError(f"checkpoint.initial_load_hf_path / export_hf_path: {e}") from None
         self.states = {
-            "model": ModelState(model_parts),
+            "model": ModelState(model_parts, include=saved_model_keys),
             "optimizer": OptimizerState(model_parts, optimizers),
             "lr_scheduler": LRSchedulerState(lr_schedulers),
             "train_state": train_state,
@@ -295,10 +304,18 @@ class CheckpointManager:
         save_hf_weights(model, self.hf_adapter, self.model_args, path, dtype=dtype)
         logger.info("exported HF weights to %s in %.1fs", path, time.perf_counter() - start)
 
+    def export_peft(self):
+        """The LoRA adapters as a PEFT folder (every rank joins the gather; rank 0 writes)."""
+        (model,) = self.model_parts  # pipeline parallelism refuses the export up front
+        save_peft_adapter(model, self.hf_adapter, self.peft_export_path)
+        logger.info("exported LoRA adapters as a PEFT folder to %s", self.peft_export_path)
+
     def load(self, step: int | None):
         """Load checkpoint ``step`` (chosen and verified by train/resume.py), or the initial weights."""
-        if step is None:
+        if step is None or self.states["model"].include is not None:
+            # a checkpoint of some weights only (LoRA adapters) goes over the initial ones
             self.load_initial_weights()
+        if step is None:
             return
         folder = step_folder(self.folder, step)
         try:
@@ -326,9 +343,12 @@ class CheckpointManager:
         vocabulary that an objective grew, e.g. MDLM's mask token added to an autoregressive
         checkpoint's embedding and output head) fills the model's first rows; the new rows keep
         their initialisation. Any other shape difference fails as DCP does."""
-        model = ModelState(self.model_parts)
-        state = model.state_dict()
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        # a base model's weights for a LoRA model: its adapters too if the folder holds them
+        lora = any(adapter_scalings(part) for part in self.model_parts)
+        model = ModelState(self.model_parts,
+                           include=(lambda k: not is_adapter_key(k) or f"model.{k}" in stored) if lora else None)
+        state = model.state_dict()
         grown = {}
         for name, tensor in state.items():
             size = getattr(stored.get(f"model.{name}"), "size", None)

@@ -25,13 +25,16 @@ class LlavaAdapter(HFAdapter):
                + [(r"projector\.(?P<m>linear_1|linear_2)\.(?P<p>weight|bias)",
                    "multi_modal_projector.{m}.{p}")]
                + decoder_key_map("language_model.model.", lm_head="language_model.lm_head"))
-    hf_prefix_aliases = [
-        ("vision_tower.vision_model.", "vision_tower."),  # transformers 5 save_pretrained
-        # transformers 5 in-memory names (a model's state_dict())
+    # transformers 5 in-memory names (a model's state_dict() and named_modules())
+    hf_module_prefixes = [
         ("vision_tower.vision_model.", "model.vision_tower."),
         ("language_model.model.", "model.language_model."),
         ("language_model.lm_head.", "lm_head."),
         ("multi_modal_projector.", "model.multi_modal_projector."),
+    ]
+    hf_prefix_aliases = [
+        ("vision_tower.vision_model.", "vision_tower."),  # transformers 5 save_pretrained
+        *hf_module_prefixes,
     ]
 
     def hf_config(self, args: LlavaArgs) -> dict:
