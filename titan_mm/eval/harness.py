@@ -1,0 +1,223 @@
+"""The evaluation harness: run tasks (titan_mm/eval/tasks.py) on a model, data-parallel across ranks,
+and merge, tabulate and save the results (docs/evaluation.md).
+
+Each rank scores every world-th sample of a task; the per-sample results are gathered on every
+rank and the metrics computed from all of them, so a task's numbers do not depend on the number of
+ranks. Likelihoods come from ``titan_mm.evaluate.score_documents`` (packed rows of the training
+shape), generated answers from ``answer_fn``: messages -> answer text, greedy.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from titan_mm.config import JobConfig
+from titan_mm.data.chat import ChatDocumentBuilder
+from titan_mm.data.dataloader import build_document_builder
+from titan_mm.data.documents import Document, SampleError, image_input
+from titan_mm.eval.metrics import anls, exact_match, option_letter
+from titan_mm.eval.tasks import Sample, Task, build_sample, read_records, user_turn
+from titan_mm.evaluate import score_documents
+from titan_mm.objectives import objective_setup
+
+AnswerFn = Callable[[list[list[dict]]], list[str]]
+"""Generated answers (text, special tokens and the end of turn cut off) to a batch of prompts,
+each OpenAI-style messages."""
+
+
+@dataclass
+class TaskResult:
+    task: Task
+    metrics: dict[str, float]
+    samples: list[dict]
+    """Per-sample results, in file order (id, prediction, ...)."""
+    skipped: dict[str, int]
+    """Samples left out, by reason."""
+
+
+class Evaluator:
+    """Runs tasks with one model. ``group``: the data-parallel process group the samples are
+    split over (None: this process scores everything)."""
+
+    def __init__(self, cfg: JobConfig, model: torch.nn.Module, model_args, answer_fn: AnswerFn | None = None, *,
+                 group=None, device: torch.device | str = "cpu", max_samples: int = 0):
+        self.cfg, self.model, self.model_args, self.answer_fn = cfg, model, model_args, answer_fn
+        self.group, self.device, self.max_samples = group, device, max_samples
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.tok, _, _ = objective_setup(cfg)
+        self.chat_builder = build_document_builder(cfg.data, self.tok, model_args.vision_input, "chat")
+        self.caption_builder = build_document_builder(cfg.data, self.tok, model_args.vision_input, "captions")
+
+    def run(self, tasks: list[Task]) -> list[TaskResult]:
+        return [self.run_task(task) for task in tasks]
+
+    def run_task(self, task: Task) -> TaskResult:
+        records = read_records(task.path)
+        if self.max_samples:
+            records = records[:self.max_samples]
+        mine = list(range(self.rank, len(records), self.world))
+        results, skipped = [], []
+        samples = []
+        for i in mine:
+            try:
+                samples.append((i, build_sample(task.kind, records[i], f"{task.path}:{i + 1}")))
+            except SampleError as e:
+                skipped.append((i, e.kind, str(e)))
+        root = os.path.dirname(os.path.abspath(task.path))
+        score = {"loss": self.score_loss, "multiple_choice": self.score_multiple_choice,
+                 "open_vqa": self.score_open_vqa}[task.kind]
+        done, failed = score(samples, root)
+        results += done
+        skipped += failed
+        results, skipped = self.gather(results), self.gather(skipped)
+        counts: dict[str, int] = {}
+        for _, kind, _ in skipped:
+            counts[kind] = counts.get(kind, 0) + 1
+        return TaskResult(task, task_metrics(task.kind, [r for _, r in results]), [r for _, r in results], counts)
+
+    def gather(self, items: list[tuple]) -> list[tuple]:
+        """Every rank's (sample index, ...) items, in sample order."""
+        if self.group is not None:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, items, group=self.group)
+            items = [item for part in parts for item in part]
+        return sorted(items, key=lambda item: item[0])
+
+    # --- documents ------------------------------------------------------------------------------
+
+    def document(self, sample: Sample, root: str, answer: str | None = None) -> Document:
+        """The sample as a training document: a loss record as its kind is trained; a question with
+        ``answer`` as the assistant's turn (the answer's tokens and the end of turn predicted)."""
+        if answer is None:
+            record = sample.prompt[0]
+            if "caption" in record:
+                image = record.get("image")
+                if image is None:
+                    raise SampleError("malformed", f"{sample.id}: a caption record needs an image")
+                return self.caption_builder.caption(sample.id, image_input(image, root), record["caption"])
+            if "messages" in record:
+                return self.chat_builder.chat(sample.id, record["messages"], root, record.get("images"))
+            if not (isinstance(record.get("question"), str) and isinstance(record["answer"], str)):
+                raise SampleError("malformed", f"{sample.id}: 'question' and 'answer' must be strings")
+            answer, sample = record["answer"], Sample(sample.id, user_turn(record, record["question"]))
+        messages = [*sample.prompt, {"role": "assistant", "content": answer}]
+        return self.chat_builder.chat(sample.id, messages, root)
+
+    def scores(self, docs: list[Document]) -> list:
+        return score_documents(self.cfg, self.model, self.model_args, docs, self.cfg.job.seed, self.device)
+
+    def answers(self, samples: list[Sample], root: str) -> list[str]:
+        if self.answer_fn is None:
+            raise RuntimeError("this task generates answers, but the evaluator has no answer_fn")
+        prompts = [absolute_media(s.prompt, root) for s in samples]
+        return self.answer_fn(prompts) if prompts else []
+
+    # --- the three kinds --------------------------------------------------------------------------
+
+    def documents_of(self, samples, root, make) -> tuple[list, list, list]:
+        """(index, sample, documents) of the samples whose documents build, and the skips."""
+        ok, skipped = [], []
+        for i, sample in samples:
+            try:
+                ok.append((i, sample, make(sample)))
+            except SampleError as e:
+                skipped.append((i, e.kind, str(e)))
+        return ok, skipped
+
+    def score_loss(self, samples, root):
+        ok, skipped = self.documents_of(samples, root, lambda s: [self.document(s, root)])
+        scores = self.scores([docs[0] for _, _, docs in ok])
+        results = []
+        for (i, sample, _), s in zip(ok, scores):
+            if s is None:
+                skipped.append((i, "overlong", f"{sample.id}: does not fit a row of training.seq_len tokens"))
+            else:
+                results.append((i, {"id": sample.id, "loss": s.loss, "tokens": s.tokens, "correct": s.correct}))
+        return results, skipped
+
+    def score_multiple_choice(self, samples, root):
+        ok, skipped = self.documents_of(
+            samples, root, lambda s: [self.document(s, root, text) for text in s.options.values()])
+        scores = self.scores([doc for _, _, docs in ok for doc in docs])
+        generated = self.answers([sample for _, sample, _ in ok], root)
+        results, k = [], 0
+        for (i, sample, docs), text in zip(ok, generated):
+            option_scores, k = scores[k:k + len(docs)], k + len(docs)
+            if any(s is None for s in option_scores):
+                skipped.append((i, "overlong", f"{sample.id}: an option does not fit a row"))
+                continue
+            letters = list(sample.options)
+            loss = [s.loss for s in option_scores]
+            # lm-evaluation-harness' acc_norm: log-likelihood per character of the option text
+            per_char = [s.loss / max(1, len(t)) for s, t in zip(option_scores, sample.options.values())]
+            results.append((i, {
+                "id": sample.id, "answer": sample.answers[0], "generated": text,
+                "generated_letter": option_letter(text, sample.options),
+                "likelihood_letter": letters[min(range(len(loss)), key=loss.__getitem__)],
+                "likelihood_norm_letter": letters[min(range(len(per_char)), key=per_char.__getitem__)],
+                "option_losses": loss}))
+        return results, skipped
+
+    def score_open_vqa(self, samples, root):
+        generated = self.answers([sample for _, sample in samples], root)
+        results = [(i, {"id": sample.id, "answers": sample.answers, "generated": text})
+                   for (i, sample), text in zip(samples, generated)]
+        return results, []
+
+
+def absolute_media(messages: list[dict], root: str) -> list[dict]:
+    """``messages`` with image paths made absolute (relative ones are relative to the task file)."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{**part, "image": image_input(part["image"], root)}
+                       if part.get("type") == "image" and isinstance(part.get("image"), str) else part
+                       for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def task_metrics(kind: str, results: list[dict]) -> dict[str, float]:
+    """A task's metrics from its per-sample results (every rank's). Accuracies are fractions."""
+    n = len(results)
+    if kind == "loss":
+        tokens = sum(r["tokens"] for r in results)
+        loss = sum(r["loss"] for r in results) / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(loss), "token_accuracy":
+                sum(r["correct"] for r in results) / max(tokens, 1), "tokens": tokens}
+    if kind == "multiple_choice":
+        def accuracy(key):
+            return sum(r[key] == r["answer"] for r in results) / max(n, 1)
+        return {"accuracy_generated": accuracy("generated_letter"), "accuracy_likelihood": accuracy("likelihood_letter"),
+                "accuracy_likelihood_norm": accuracy("likelihood_norm_letter"),
+                "unparsed_generated": sum(r["generated_letter"] is None for r in results) / max(n, 1)}
+    return {"exact_match": sum(exact_match(r["generated"], r["answers"]) for r in results) / max(n, 1),
+            "anls": sum(anls(r["generated"], r["answers"]) for r in results) / max(n, 1)}
+
+
+def results_table(results: list[TaskResult]) -> str:
+    """A Markdown table: one line per task and metric."""
+    lines = ["| task | kind | samples | skipped | metric | value |", "|---|---|---|---|---|---|"]
+    for r in results:
+        skipped = sum(r.skipped.values())
+        for name, value in r.metrics.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {r.task.name} | {r.task.kind} | {len(r.samples)} | {skipped} | {name} | {shown} |")
+    return "\n".join(lines)
+
+
+def write_results(results: list[TaskResult], path: str, **header):
+    """The results as JSON: ``header`` (weights, step ...), then per task its metrics, skip counts and
+    per-sample results."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    out = {**header, "tasks": {r.task.name: {"kind": r.task.kind, "path": r.task.path, "metrics": r.metrics,
+                                             "skipped": r.skipped, "samples": r.samples} for r in results}}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
