@@ -23,8 +23,8 @@ import torch.distributed as dist  # noqa: E402
 from titan_mm.config import ConfigError, parse_args  # noqa: E402
 from titan_mm.eval.harness import Evaluator, results_table, write_results  # noqa: E402
 from titan_mm.eval.tasks import parse_task  # noqa: E402
-from titan_mm.evaluate import latest_model_export, load_model  # noqa: E402
-from titan_mm.objectives import objective_setup  # noqa: E402
+from titan_mm.evaluate import latest_model_export  # noqa: E402
+from titan_mm.generate import load_model_for_inference  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -40,23 +40,23 @@ def main(argv: list[str]) -> int:
         if not cfg.eval.tasks:
             raise ConfigError("no tasks: give --eval.tasks KIND:PATH[,KIND:PATH ...]")
         tasks = [parse_task(spec) for spec in cfg.eval.tasks]
-        weights = opts["--hf_path"] or opts["--weights"] or latest_model_export(cfg.job.dump_folder,
-                                                                                cfg.checkpoint.folder)
+        if not opts["--hf_path"]:
+            opts["--weights"] = opts["--weights"] or latest_model_export(cfg.job.dump_folder, cfg.checkpoint.folder)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     group = None
     if "WORLD_SIZE" in os.environ:
+        # results are gathered as Python objects: a CPU group, whatever device the model is on
         dist.init_process_group(backend="gloo")
         group = dist.group.WORLD
-    _, _, model_args = objective_setup(cfg)
-    model = load_model(cfg, weights)
-    evaluator = Evaluator(cfg, model, model_args, None, group=group, max_samples=cfg.eval.max_samples)
-    results = evaluator.run(tasks)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    im = load_model_for_inference(cfg, checkpoint=opts["--weights"], hf_path=opts["--hf_path"], device=device)
+    results = Evaluator(cfg, im, group=group).run(tasks)
     if group is None or dist.get_rank() == 0:
         out = cfg.eval.out or os.path.join(cfg.job.dump_folder, "eval", "results.json")
-        write_results(results, out, weights=weights, ranks=dist.get_world_size() if group else 1)
-        print(f"weights: {weights}")
+        write_results(results, out, weights=im.source, ranks=dist.get_world_size() if group else 1)
+        print(f"weights: {im.source}")
         print(results_table(results))
         print(f"results: {out}")
     if group is not None:
@@ -65,6 +65,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    with torch.inference_mode():
-        code = main(sys.argv[1:])
-    sys.exit(code)
+    sys.exit(main(sys.argv[1:]))

@@ -4,30 +4,28 @@ and merge, tabulate and save the results (docs/evaluation.md).
 Each rank scores every world-th sample of a task; the per-sample results are gathered on every
 rank and the metrics computed from all of them, so a task's numbers do not depend on the number of
 ranks. Likelihoods come from ``titan_mm.evaluate.score_documents`` (packed rows of the training
-shape), generated answers from ``answer_fn``: messages -> answer text, greedy.
+shape), generated answers from ``titan_mm.generate`` (greedy, batched, KV cache).
 """
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from titan_mm.config import JobConfig
-from titan_mm.data.chat import ChatDocumentBuilder
 from titan_mm.data.dataloader import build_document_builder
 from titan_mm.data.documents import Document, SampleError, image_input
 from titan_mm.eval.metrics import anls, exact_match, option_letter
-from titan_mm.eval.tasks import Sample, Task, build_sample, read_records, user_turn
+from titan_mm.eval.tasks import Sample, Task, build_sample, parse_task, read_records, user_turn
 from titan_mm.evaluate import score_documents
-from titan_mm.objectives import objective_setup
+from titan_mm.generate import InferenceModel, Sampling, chat_prompt, completion_text, generate
+from titan_mm.parallel.common import fsdp_gathered
 
-AnswerFn = Callable[[list[list[dict]]], list[str]]
-"""Generated answers (text, special tokens and the end of turn cut off) to a batch of prompts,
-each OpenAI-style messages."""
+logger = logging.getLogger("titan_mm")
 
 
 @dataclass
@@ -41,26 +39,27 @@ class TaskResult:
 
 
 class Evaluator:
-    """Runs tasks with one model. ``group``: the data-parallel process group the samples are
-    split over (None: this process scores everything)."""
+    """Runs tasks (``cfg.eval``: sample limit, generation length and batch) with one model.
+    ``group``: the data-parallel process group the samples are split over (None: this process
+    scores everything)."""
 
-    def __init__(self, cfg: JobConfig, model: torch.nn.Module, model_args, answer_fn: AnswerFn | None = None, *,
-                 group=None, device: torch.device | str = "cpu", max_samples: int = 0):
-        self.cfg, self.model, self.model_args, self.answer_fn = cfg, model, model_args, answer_fn
-        self.group, self.device, self.max_samples = group, device, max_samples
+    def __init__(self, cfg: JobConfig, im: InferenceModel, *, group=None):
+        self.cfg, self.im, self.group = cfg, im, group
         self.rank = dist.get_rank(group) if group is not None else 0
         self.world = dist.get_world_size(group) if group is not None else 1
-        self.tok, _, _ = objective_setup(cfg)
-        self.chat_builder = build_document_builder(cfg.data, self.tok, model_args.vision_input, "chat")
-        self.caption_builder = build_document_builder(cfg.data, self.tok, model_args.vision_input, "captions")
+        self.chat_builder = im.chat_builder
+        self.caption_builder = build_document_builder(cfg.data, im.tokenizer, im.args.vision_input, "captions")
 
     def run(self, tasks: list[Task]) -> list[TaskResult]:
         return [self.run_task(task) for task in tasks]
 
     def run_task(self, task: Task) -> TaskResult:
+        if task.kind != "loss" and not self.im.objective.causal:
+            raise ValueError(f"task {task.name} ({task.kind}) generates answers, which a model trained with "
+                             f"objective {self.cfg.objective.name} cannot do left to right; run loss tasks")
         records = read_records(task.path)
-        if self.max_samples:
-            records = records[:self.max_samples]
+        if self.cfg.eval.max_samples:
+            records = records[:self.cfg.eval.max_samples]
         mine = list(range(self.rank, len(records), self.world))
         results, skipped = [], []
         samples = []
@@ -110,18 +109,24 @@ class Evaluator:
         return self.chat_builder.chat(sample.id, messages, root)
 
     def scores(self, docs: list[Document]) -> list:
-        return score_documents(self.cfg, self.model, self.model_args, docs, self.cfg.job.seed, self.device)
+        return score_documents(self.cfg, self.im.model, self.im.args, docs, self.cfg.job.seed, self.im.device)
 
-    def answers(self, samples: list[Sample], root: str) -> list[str]:
-        if self.answer_fn is None:
-            raise RuntimeError("this task generates answers, but the evaluator has no answer_fn")
-        prompts = [absolute_media(s.prompt, root) for s in samples]
-        return self.answer_fn(prompts) if prompts else []
+    def answers(self, prompts: list[Document]) -> list[str]:
+        """Greedy answers to ``prompts`` (generated eval.batch_size at a time), stripped."""
+        sampling = Sampling(max_new_tokens=self.cfg.eval.max_new_tokens)
+        answers = []
+        for i in range(0, len(prompts), self.cfg.eval.batch_size):
+            for ids in generate(self.im, prompts[i:i + self.cfg.eval.batch_size], sampling):
+                answers.append(completion_text(self.im.tokenizer, ids).strip())
+        return answers
+
+    def prompt(self, sample: Sample, root: str) -> Document:
+        return chat_prompt(self.im, absolute_media(sample.prompt, root))
 
     # --- the three kinds --------------------------------------------------------------------------
 
-    def documents_of(self, samples, root, make) -> tuple[list, list, list]:
-        """(index, sample, documents) of the samples whose documents build, and the skips."""
+    def documents_of(self, samples, root, make) -> tuple[list, list]:
+        """(index, sample, make(sample)) of the samples whose documents build, and the skips."""
         ok, skipped = [], []
         for i, sample in samples:
             try:
@@ -143,12 +148,12 @@ class Evaluator:
 
     def score_multiple_choice(self, samples, root):
         ok, skipped = self.documents_of(
-            samples, root, lambda s: [self.document(s, root, text) for text in s.options.values()])
-        scores = self.scores([doc for _, _, docs in ok for doc in docs])
-        generated = self.answers([sample for _, sample, _ in ok], root)
+            samples, root, lambda s: [self.prompt(s, root)] + [self.document(s, root, text) for text in s.options.values()])
+        scores = self.scores([doc for _, _, docs in ok for doc in docs[1:]])
+        generated = self.answers([docs[0] for _, _, docs in ok])
         results, k = [], 0
         for (i, sample, docs), text in zip(ok, generated):
-            option_scores, k = scores[k:k + len(docs)], k + len(docs)
+            option_scores, k = scores[k:k + len(docs) - 1], k + len(docs) - 1
             if any(s is None for s in option_scores):
                 skipped.append((i, "overlong", f"{sample.id}: an option does not fit a row"))
                 continue
@@ -165,10 +170,11 @@ class Evaluator:
         return results, skipped
 
     def score_open_vqa(self, samples, root):
-        generated = self.answers([sample for _, sample in samples], root)
+        ok, skipped = self.documents_of(samples, root, lambda s: self.prompt(s, root))
+        generated = self.answers([prompt for _, _, prompt in ok])
         results = [(i, {"id": sample.id, "answers": sample.answers, "generated": text})
-                   for (i, sample), text in zip(samples, generated)]
-        return results, []
+                   for (i, sample, _), text in zip(ok, generated)]
+        return results, skipped
 
 
 def absolute_media(messages: list[dict], root: str) -> list[dict]:
@@ -221,3 +227,40 @@ def write_results(results: list[TaskResult], path: str, **header):
                                              "skipped": r.skipped, "samples": r.samples} for r in results}}
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
+
+
+class TrainingEvaluation:
+    """eval.tasks run inside train.py every eval.interval steps and at the last step: the training
+    model in eval mode (parameters gathered under FSDP, so that each data-parallel rank scores its
+    own share), results in TensorBoard as eval/TASK/METRIC, as a table in the log and in
+    dump_folder/eval/step-N.json."""
+
+    def __init__(self, cfg: JobConfig, model: torch.nn.Module, model_args, tokenizer, objective, *, dp_group,
+                 rank: int, autocast):
+        self.cfg, self.model, self.rank, self.autocast, self.dp_group = cfg, model, rank, autocast, dp_group
+        self.tasks = [parse_task(spec) for spec in cfg.eval.tasks]
+        self.im = InferenceModel(
+            model=model, args=model_args, tokenizer=tokenizer, objective=objective,
+            prompt_builder=build_document_builder(cfg.data, tokenizer, model_args.vision_input, "interleaved"),
+            chat_builder=build_document_builder(cfg.data, tokenizer, model_args.vision_input, "chat"),
+            source="training")
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.cfg.eval.interval > 0 and (step % self.cfg.eval.interval == 0 or last)
+
+    def run(self, step: int, writer) -> list[TaskResult]:
+        self.model.eval()
+        try:
+            with fsdp_gathered(self.model), self.autocast:
+                results = Evaluator(self.cfg, self.im, group=self.dp_group).run(self.tasks)
+        finally:
+            self.model.train()
+        if self.rank == 0:
+            write_results(results, os.path.join(self.cfg.job.dump_folder, "eval", f"step-{step}.json"), step=step)
+            logger.info("evaluation at step %d:\n%s", step, results_table(results))
+            if writer is not None:
+                for r in results:
+                    for name, value in r.metrics.items():
+                        writer.add_scalar(f"eval/{r.task.name}/{name}", value, step)
+                writer.flush()
+        return results

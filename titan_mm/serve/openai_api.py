@@ -105,7 +105,7 @@ def parse_request(raw: bytes, limits: Limits) -> ChatRequest:
                                integer=True),
         stream=body.get("stream", False),
         temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0),
-        top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0),
+        top_p=_number(body, "top_p", 1.0, low=1e-6, high=1.0),
         top_k=_number(body, "top_k", 0, low=0, high=1 << 30, integer=True),
         stop=stop, seed=seed, model=body.get("model", ""))
 

@@ -12,6 +12,7 @@ Endpoints: ``GET /`` the chat page, ``POST /v1/chat/completions``, ``GET /v1/mod
 ``GET /health``.
 """
 
+import itertools
 import json
 import logging
 import queue
@@ -171,15 +172,22 @@ class ChatHandler(BaseHTTPRequestHandler):
             for delta in self.deltas(job):
                 text.append(delta.text)
                 last = delta
-        except Exception as e:  # noqa: BLE001
-            self.send_error_json(RequestError(500, f"generation failed: {e}"))
+        except Exception as e:  # noqa: BLE001 - answered, the server goes on
+            self.send_error_json(as_request_error(e))
             return
         self.send_json(200, completion(cid, self.model_name(job), "".join(text), last.finish_reason,
                                        last.prompt_tokens, last.completion_tokens))
 
     def stream_answer(self, job: Job):
-        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``. The status is
+        sent with the first delta, so that a request the model refuses still gets its 4xx."""
         cid, model = completion_id(), self.model_name(job)
+        deltas = self.deltas(job)
+        try:
+            first = next(deltas, None)
+        except Exception as e:  # noqa: BLE001
+            self.send_error_json(as_request_error(e))
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -188,7 +196,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         try:
             self.write(sse(chunk(cid, model, {"role": "assistant", "content": ""})))
-            for delta in self.deltas(job):
+            for delta in itertools.chain([first] if first else [], deltas):
                 if delta.text:
                     self.write(sse(chunk(cid, model, {"content": delta.text})))
                 if delta.finish_reason:
@@ -196,10 +204,10 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.write(sse("[DONE]"))
         except (BrokenPipeError, ConnectionResetError):
             job.cancelled.set()  # the client left: stop generating for it
-        except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
+        except Exception as e:  # noqa: BLE001 - the status is sent: report in the stream
             job.cancelled.set()
             try:
-                self.write(sse(RequestError(500, f"generation failed: {e}").body()))
+                self.write(sse(as_request_error(e).body()))
             except OSError:
                 pass
 
@@ -226,6 +234,13 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def send_error_json(self, error: RequestError):
         self.send_json(error.status, error.body())
+
+
+def as_request_error(error: Exception) -> RequestError:
+    """A failure as the error the client gets: its own RequestError, else a 500."""
+    if isinstance(error, RequestError):
+        return error
+    return RequestError(500, f"generation failed: {type(error).__name__}: {error}")
 
 
 def serve(engine: ChatEngine, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None):
