@@ -2,7 +2,8 @@
 held-out caption samples of assets/sample_data (images 00600-00699, never trained on).
 
 Questions and answers are written as the bundled chats write them (scripts/make_sample_data.py), so
-a model trained on those chats can answer them:
+a model trained on those chats can answer them (the open questions without the usual "single word
+or phrase" instruction, which those chats never give):
 
     captions_loss.jsonl    loss: held-out captions, and question / answer pairs
     mc_shapes.jsonl        multiple_choice: how many shapes (3 options), which colours (4 options)
@@ -74,7 +75,7 @@ def main():
             mc.append({"id": f"mc-count-{i}", "image": image, "question": "How many shapes are there?",
                        "options": options, "answer": "ABC"[answer]})
             open_vqa.append({"id": f"open-count-{i}", "image": image, "question": "How many shapes are there?",
-                             "answers": [count_answer(len(objects)), COUNT_WORDS[len(objects)]]})
+                             "answers": [count_answer(len(objects)), COUNT_WORDS[len(objects)]], "instruction": ""})
         else:
             right = f"I see {join_phrases(colours)}."
             others = [f"I see {c}." for c in rng.sample([c for c in COLOURS if c not in colours], 3)]
@@ -83,7 +84,7 @@ def main():
             mc.append({"id": f"mc-colours-{i}", "image": image, "question": "Which colours do you see?",
                        "options": options, "answer": "ABCD"[options.index(right)]})
             open_vqa.append({"id": f"open-colours-{i}", "image": image, "question": "Which colours do you see?",
-                             "answers": [right, join_phrases(colours)]})
+                             "answers": [right, join_phrases(colours)], "instruction": ""})
     os.makedirs(args.out, exist_ok=True)
     for name, records in (("captions_loss", loss), ("mc_shapes", mc), ("open_shapes", open_vqa)):
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:

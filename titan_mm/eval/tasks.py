@@ -14,7 +14,9 @@ the file's stem. The kinds and the fields each reads (docs/evaluation.md):
 
 ``image`` is a path relative to the task file's folder, encoded bytes, a ``{"bytes", "path"}``
 struct (Parquet, as HF datasets stores images), or absent for a text-only question. ``id`` is
-optional (default: the file and record number).
+optional (default: the file and record number). An optional ``instruction`` replaces the line
+appended to multiple-choice and open questions (MULTIPLE_CHOICE_INSTRUCTION, OPEN_VQA_INSTRUCTION;
+"" appends nothing).
 """
 
 import json
@@ -104,14 +106,23 @@ def build_sample(kind: str, record, ref: str) -> Sample:
                                            f"{list(options)}")
         hint = record.get("hint")
         lines = ([hint] if isinstance(hint, str) and hint.strip() else []) + [question]
-        lines += [f"{letter}. {text}" for letter, text in options.items()] + [MULTIPLE_CHOICE_INSTRUCTION]
-        return Sample(sample_id, user_turn(record, "\n".join(lines)), [answer], options)
+        lines += [f"{letter}. {text}" for letter, text in options.items()]
+        prompt = with_instruction(record, "\n".join(lines), MULTIPLE_CHOICE_INSTRUCTION, ref)
+        return Sample(sample_id, user_turn(record, prompt), [answer], options)
     answers = record.get("answers", record.get("answer"))
     answers = [answers] if isinstance(answers, str) else answers
     if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
         raise SampleError("malformed", f"{ref}: an open_vqa record needs 'answers' (a list of strings) or "
                                        f"'answer' (a string)")
-    return Sample(sample_id, user_turn(record, f"{question}\n{OPEN_VQA_INSTRUCTION}"), answers)
+    return Sample(sample_id, user_turn(record, with_instruction(record, question, OPEN_VQA_INSTRUCTION, ref)), answers)
+
+
+def with_instruction(record: dict, text: str, default: str, ref: str) -> str:
+    """``text`` and, on a line of its own, the record's ``instruction`` (default: ``default``)."""
+    instruction = record.get("instruction", default)
+    if not isinstance(instruction, str):
+        raise SampleError("malformed", f"{ref}: 'instruction' must be a string")
+    return f"{text}\n{instruction}" if instruction else text
 
 
 def user_turn(record: dict, text: str) -> list[dict]:

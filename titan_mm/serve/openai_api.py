@@ -170,8 +170,9 @@ def image_bytes(image_url, limits: Limits, where: str) -> bytes:
         raise RequestError(400, f"{where}: image URLs must be http(s) or base64 data URLs, got {url[:40]!r}", where)
     try:
         load_image(io.BytesIO(data))
-    except MediaError as e:
-        raise RequestError(400, f"{where}: {e}", where) from None
+    except MediaError:
+        raise RequestError(400, f"{where}: the image ({len(data)} bytes) cannot be decoded; send a PNG, JPEG, "
+                                f"WebP or another format Pillow reads", where) from None
     return data
 
 
