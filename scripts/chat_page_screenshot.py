@@ -130,19 +130,13 @@ def chat_in_page(url: str, image_path: str, prompt: str, screenshot: str, chromi
 
 
 def main(argv: list[str]) -> int:
-    from titan_mm.config import parse_args
+    from titan_mm.config import parse_args, split_script_options
     from titan_mm.generate import load_model_for_inference
     from titan_mm.serve.engine import ModelEngine
     from titan_mm.serve.server import ChatServer
 
-    opts, rest = {"--weights": None, "--image": "assets/sample_data/images/00600.png",
-                  "--prompt": "What do you see?", "--out": "docs/serving_chat_page.png"}, []
-    while argv:
-        arg = argv.pop(0)
-        if arg in opts:
-            opts[arg] = argv.pop(0)
-        else:
-            rest.append(arg)
+    opts, rest = split_script_options(argv, {"--weights": None, "--image": "assets/sample_data/images/00600.png",
+                                             "--prompt": "What do you see?", "--out": "docs/serving_chat_page.png"})
     cfg, _ = parse_args(rest)
     im = load_model_for_inference(cfg, checkpoint=opts["--weights"])
     name = f"{cfg.model.name}-{cfg.model.flavor}:{os.path.basename(im.source.rstrip('/'))}"

@@ -20,7 +20,7 @@ sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from titan_mm.config import ConfigError, parse_args  # noqa: E402
+from titan_mm.config import ConfigError, parse_args, split_script_options  # noqa: E402
 from titan_mm.eval.harness import Evaluator, results_table, write_results  # noqa: E402
 from titan_mm.eval.tasks import parse_task  # noqa: E402
 from titan_mm.evaluate import latest_model_export  # noqa: E402
@@ -28,14 +28,8 @@ from titan_mm.generate import load_model_for_inference  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    opts, rest = {"--weights": None, "--hf_path": None}, []
-    while argv:
-        arg = argv.pop(0)
-        if arg in opts:
-            opts[arg] = argv.pop(0)
-        else:
-            rest.append(arg)
     try:
+        opts, rest = split_script_options(argv, {"--weights": None, "--hf_path": None})
         cfg, _ = parse_args(rest)
         if not cfg.eval.tasks:
             raise ConfigError("no tasks: give --eval.tasks KIND:PATH[,KIND:PATH ...]")

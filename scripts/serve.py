@@ -18,7 +18,7 @@ sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
 import torch  # noqa: E402
 
-from titan_mm.config import ConfigError, parse_args  # noqa: E402
+from titan_mm.config import ConfigError, parse_args, split_script_options  # noqa: E402
 from titan_mm.generate import load_model_for_inference  # noqa: E402
 from titan_mm.serve.engine import ModelEngine  # noqa: E402
 from titan_mm.serve.openai_api import Limits  # noqa: E402
@@ -30,15 +30,9 @@ OPTIONS = {"--weights": None, "--hf_path": None, "--host": "127.0.0.1", "--port"
 
 
 def main(argv: list[str]) -> int:
-    opts, rest = dict(OPTIONS), []
-    while argv:
-        arg = argv.pop(0)
-        if arg in opts:
-            opts[arg] = argv.pop(0)
-        else:
-            rest.append(arg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        opts, rest = split_script_options(argv, OPTIONS)
         cfg, _ = parse_args(rest)
         im = load_model_for_inference(cfg, checkpoint=opts["--weights"], hf_path=opts["--hf_path"],
                                       device=opts["--device"])

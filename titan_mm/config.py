@@ -582,6 +582,21 @@ def _set(cfg: JobConfig, key: str, value, source: str) -> None:
         raise ConfigError(f"{e} ({source})") from None
 
 
+def split_script_options(argv: list[str], defaults: dict[str, str | None]) -> tuple[dict, list[str]]:
+    """A script's own ``--option value`` pairs (the keys of ``defaults``) apart from the config
+    overrides that ``parse_args`` reads: (options with defaults filled in, the rest of ``argv``)."""
+    opts, rest, args = dict(defaults), [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in opts:
+            if not args:
+                raise ConfigError(f"{arg} needs a value")
+            opts[arg] = args.pop(0)
+        else:
+            rest.append(arg)
+    return opts, rest
+
+
 def parse_args(argv: list[str]) -> tuple[JobConfig, bool]:
     """Build a JobConfig from ``--job.config_file F`` and ``--section.key value`` overrides.
 
