@@ -70,6 +70,36 @@ def test_malformed_records_are_counted_skips_and_bad_task_specs_config_errors(tm
         parse_args(["--eval.interval", "5"])
 
 
+def test_parquet_task_with_image_bytes_reads_like_the_jsonl_task(tmp_path):
+    """A multiple-choice task as Parquet, images as {bytes, path} structs (as HF datasets writes
+    them): the same prompts, token for token and patch for patch, as the bundled JSONL."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import torch
+
+    from titan_mm.data.dataloader import build_document_builder
+    from titan_mm.eval.harness import absolute_media
+    from titan_mm.objectives import objective_setup
+
+    spec = "multiple_choice:assets/eval_tasks/mc_shapes.jsonl"
+    records = read_records(parse_task(spec).path)[:4]
+    rows = []
+    for r in records:
+        with open(os.path.join("assets/eval_tasks", r["image"]), "rb") as f:
+            rows.append({**r, "image": {"bytes": f.read(), "path": None}})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mc.parquet")
+    cfg = parse_args(["--job.config_file", "train_configs/debug_vlm_chat.toml"])[0]
+    tok, _, args = objective_setup(cfg)
+    builder = build_document_builder(cfg.data, tok, args.vision_input, "chat")
+    parquet = read_records(parse_task(f"multiple_choice:{tmp_path / 'mc.parquet'}").path)
+    for a, b in zip(records, parquet, strict=True):
+        docs = [builder.chat("r", absolute_media(build_sample("multiple_choice", r, "r").prompt, root), root,
+                             add_generation_prompt=True)
+                for r, root in ((a, os.path.abspath("assets/eval_tasks")), (b, str(tmp_path)))]
+        assert docs[0].tokens == docs[1].tokens
+        assert torch.equal(docs[0].images[0].patches, docs[1].images[0].patches)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A debug chat VLM trained 8 steps with the bundled tasks evaluated at steps 4 and 8."""
