@@ -60,25 +60,21 @@ class Evaluator:
         records = read_records(task.path)
         if self.cfg.eval.max_samples:
             records = records[:self.cfg.eval.max_samples]
-        mine = list(range(self.rank, len(records), self.world))
-        results, skipped = [], []
-        samples = []
-        for i in mine:
+        samples, skipped = [], []
+        for i in range(self.rank, len(records), self.world):  # this rank's share
             try:
                 samples.append((i, build_sample(task.kind, records[i], f"{task.path}:{i + 1}")))
             except SampleError as e:
                 skipped.append((i, e.kind, str(e)))
-        root = os.path.dirname(os.path.abspath(task.path))
         score = {"loss": self.score_loss, "multiple_choice": self.score_multiple_choice,
                  "open_vqa": self.score_open_vqa}[task.kind]
-        done, failed = score(samples, root)
-        results += done
-        skipped += failed
-        results, skipped = self.gather(results), self.gather(skipped)
+        results, failed = score(samples, os.path.dirname(os.path.abspath(task.path)))
+        results, skipped = self.gather(results), self.gather(skipped + failed)
         counts: dict[str, int] = {}
         for _, kind, _ in skipped:
             counts[kind] = counts.get(kind, 0) + 1
-        return TaskResult(task, task_metrics(task.kind, [r for _, r in results]), [r for _, r in results], counts)
+        per_sample = [r for _, r in results]
+        return TaskResult(task, task_metrics(task.kind, per_sample), per_sample, counts)
 
     def gather(self, items: list[tuple]) -> list[tuple]:
         """Every rank's (sample index, ...) items, in sample order."""
@@ -125,7 +121,7 @@ class Evaluator:
 
     # --- the three kinds --------------------------------------------------------------------------
 
-    def documents_of(self, samples, root, make) -> tuple[list, list]:
+    def documents_of(self, samples, make) -> tuple[list, list]:
         """(index, sample, make(sample)) of the samples whose documents build, and the skips."""
         ok, skipped = [], []
         for i, sample in samples:
@@ -136,7 +132,7 @@ class Evaluator:
         return ok, skipped
 
     def score_loss(self, samples, root):
-        ok, skipped = self.documents_of(samples, root, lambda s: [self.document(s, root)])
+        ok, skipped = self.documents_of(samples, lambda s: [self.document(s, root)])
         scores = self.scores([docs[0] for _, _, docs in ok])
         results = []
         for (i, sample, _), s in zip(ok, scores):
@@ -147,8 +143,9 @@ class Evaluator:
         return results, skipped
 
     def score_multiple_choice(self, samples, root):
-        ok, skipped = self.documents_of(
-            samples, root, lambda s: [self.prompt(s, root)] + [self.document(s, root, text) for text in s.options.values()])
+        # per sample: its prompt to generate from, then each option as the answer
+        ok, skipped = self.documents_of(samples, lambda s: [self.prompt(s, root)] + [
+            self.document(s, root, text) for text in s.options.values()])
         scores = self.scores([doc for _, _, docs in ok for doc in docs[1:]])
         generated = self.answers([docs[0] for _, _, docs in ok])
         results, k = [], 0
@@ -170,7 +167,7 @@ class Evaluator:
         return results, skipped
 
     def score_open_vqa(self, samples, root):
-        ok, skipped = self.documents_of(samples, root, lambda s: self.prompt(s, root))
+        ok, skipped = self.documents_of(samples, lambda s: self.prompt(s, root))
         generated = self.answers([prompt for _, _, prompt in ok])
         results = [(i, {"id": sample.id, "answers": sample.answers, "generated": text})
                    for (i, sample, _), text in zip(ok, generated)]

@@ -96,13 +96,19 @@ class ChatServer(ThreadingHTTPServer):
         return job
 
     def server_close(self):
-        self.jobs.put(None)
+        try:
+            self.jobs.put_nowait(None)  # ends the worker after the requests queued before it
+        except queue.Full:
+            pass  # the worker is a daemon thread: it ends with the process
         super().server_close()
 
 
 class ChatHandler(BaseHTTPRequestHandler):
     server: ChatServer
     protocol_version = "HTTP/1.1"
+    timeout = 120
+    """Seconds a socket read or write may wait: idle keep-alive connections and stalled clients are
+    dropped (a stream's client that stops reading cancels its generation)."""
 
     def log_message(self, format, *args):
         logger.info("%s %s", self.address_string(), format % args)
