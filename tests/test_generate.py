@@ -297,3 +297,39 @@ def test_cache_is_attached_only_inside_its_block(qwen3):
         assert decoder.build_mask == cache.build_mask
     assert decoder.build_mask is before[0]
     assert [layer.attention.attend for layer in decoder.layers.values()] == before[1]
+
+
+def test_generate_script_answers_a_prompt_with_an_image_from_a_dcp_checkpoint(tmp_path, capsys):
+    """scripts/generate.py on the debug VLM's (random-init) DCP weights: a raw continuation of an
+    image and a prompt, 6 greedy tokens, and a chat session of two turns (the second sees the
+    first's answer)."""
+    from conftest import load_script
+    from test_parallel import seed_checkpoint
+    weights = seed_checkpoint(tmp_path)
+    script = load_script("generate")
+    common = ["--job.config_file", "train_configs/debug_vlm.toml", "--checkpoint", weights,
+              "--max_new_tokens", "6", "--image", "assets/sample_data/images/00000.png"]
+    assert script.main([*common, "--prompt", "a red"]) == 0
+    assert capsys.readouterr().out.strip()
+    lines = ["hello", "/image assets/sample_data/images/00001.png", "and this one?", "/quit"]
+    script.input = lambda _prompt: lines.pop(0)
+    answers = []
+    answer = script.Session.answer
+    script.Session.answer = lambda self, messages: answers.append(messages) or answer(self, messages)
+    assert script.main([*common, "--interactive", "--mode", "chat"]) == 0
+    assert not lines and "error" not in capsys.readouterr().out
+    # the second turn carries the first, its answer, and the image attached in between
+    assert [m["role"] for m in answers[1]] == ["user", "assistant", "user"]
+    assert [p["type"] for p in answers[1][2]["content"]] == ["image", "text"]
+
+
+def test_generate_script_routes_a_masked_diffusion_run_to_its_sampler(tmp_path, capsys):
+    from conftest import load_script
+    from test_parallel import seed_checkpoint
+    weights = seed_checkpoint(tmp_path, "--objective.name", "mdlm")
+    assert load_script("generate").main([
+        "--job.config_file", "train_configs/mdlm_vlm_debug.toml", "--checkpoint", weights,
+        "--image", "assets/sample_data/images/00000.png", "--gen_length", "8", "--steps", "4",
+        "--block_length", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() and "<|mask|>" not in out
