@@ -119,7 +119,7 @@ def interactive(session: Session, images: list[str], videos: list[str]):
         turn = {"role": "user", "content": user_content(line, pending_images, pending_videos)}
         try:
             reply = session.answer(messages + [turn])
-        except (SampleError, ValueError) as e:  # a bad image path, an overlong prompt: say so, go on
+        except (SampleError, ValueError) as e:  # a bad image path, no chat format: say so, go on
             print(f"error: {e}")
             continue
         pending_images, pending_videos = [], []
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         session.answer([{"role": "user", "content": user_content(opts.prompt, opts.image, opts.video)}])
-    except SampleError as e:
+    except (SampleError, ConfigError) as e:  # a missing image, a chat format the tokenizer cannot write
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

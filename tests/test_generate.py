@@ -9,14 +9,13 @@ positions (``rope_deltas`` for the Qwen families) and cache.
 """
 
 import dataclasses
-import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image as PILImage
 
+from test_qwen3_vl import VIDEO_ID, order_one_init_, tok  # noqa: F401 (tok: the tokenizer fixture)
 from titan_mm.data.chat import ChatDocumentBuilder
 from titan_mm.data.documents import DocumentBuilder
 from titan_mm.data.image import ImageProcessor
@@ -30,7 +29,6 @@ from titan_mm.objectives.causal_lm import CausalLM
 transformers = pytest.importorskip("transformers")
 from transformers.core_model_loading import revert_weight_conversion  # noqa: E402
 
-VIDEO_ID = 512  # <|video_pad|>, added to the bundled 512-token tokenizer
 IMAGE_START, IMAGE_PAD, IMAGE_END = 3, 4, 5  # the bundled tokenizer's
 VOCAB = 520
 NEW_TOKENS = 32
@@ -99,30 +97,7 @@ def hf_reference(family: str):
         if hasattr(config, sub):
             getattr(config, sub)._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = cls(config).eval()
-    with torch.no_grad():  # O(1) activations, random norms and biases
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif "embed_tokens" in name or "pos_embed" in name:
-                p.normal_(0.0, 0.5)
-            else:
-                p.normal_(0.0, (p.numel() / p.shape[0]) ** -0.5)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    folder = tmp_path_factory.mktemp("tokenizer")
-    shutil.copy("assets/tokenizer/tokenizer.json", folder)
-    with open("assets/tokenizer/tokenizer_config.json") as f:
-        config = json.load(f)
-    config["video_token"] = "<|video_pad|>"
-    config["added_tokens_decoder"] = {str(VIDEO_ID): {"content": "<|video_pad|>", "special": True}}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return Tokenizer(str(folder))
+    return order_one_init_(cls(config).eval())
 
 
 @pytest.fixture(scope="module")

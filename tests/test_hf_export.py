@@ -96,3 +96,29 @@ def test_qwen3_vl_export_at_the_end_of_training_loads_and_generates_our_tokens(t
                       "--data.path", "assets/sample_data/chat_train.jsonl", "--data.chat_format", "plain")
     train.Trainer(cfg).train()
     check_export_generates_our_tokens(cfg, tmp_path / "hf")
+
+
+def test_llava_export_loads_with_its_tokenizer_template_and_image_processor(tmp_path):
+    """The debug SigLIP2 LLaVA: transformers loads the model, the tokenizer whose chat template
+    writes our prompt ids (each image placeholder expanded to the image's patch count) and the
+    SigLIP2 image processor. (Its greedy tokens equal transformers' in tests/test_generate.py;
+    transformers' LlavaProcessor and generate() do not handle naflex towers' spatial_shapes.)"""
+    import sys
+    sys.path.insert(0, "scripts")
+    from create_seed_checkpoint import create_seed_checkpoint
+    cfg = make_config(tmp_path, "--model.flavor", "debug-siglip2", "--data.chat_format", "plain")
+    create_seed_checkpoint(cfg, str(tmp_path / "seed"))
+    assert load_script("convert_dcp_to_hf").main([
+        str(tmp_path / "seed"), str(tmp_path / "hf"), "--model.name", "llava", "--model.flavor", "debug-siglip2",
+        "--tokenizer", "assets/tokenizer", "--max_pixels", str(cfg.data.max_pixels)]) == 0
+    folder = tmp_path / "hf"
+    assert isinstance(transformers.AutoModelForImageTextToText.from_pretrained(folder),
+                      transformers.LlavaForConditionalGeneration)
+    image_processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    assert image_processor.max_num_patches == cfg.data.max_pixels // 64 and image_processor.patch_size == 8
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    prompt = chat_prompt(load_model_for_inference(cfg, hf_path=str(folder)), MESSAGES)
+    text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    for image in prompt.images:
+        text = text.replace("<|image_pad|>", "<|placeholder|>" * image.patches.shape[0], 1)
+    assert tokenizer(text.replace("<|placeholder|>", "<|image_pad|>"))["input_ids"] == prompt.tokens

@@ -65,7 +65,11 @@ def write_inference_files(folder: str, adapter, args, files: InferenceFiles):
     media = {"image_token_id": tokenizer.image_id, "image_token_index": tokenizer.image_id,
              "video_token_id": tokenizer.video_id, "vision_start_token_id": tokenizer.image_start_id,
              "vision_end_token_id": tokenizer.image_end_id}
-    config.update({k: v for k, v in media.items() if k in config and v is not None})
+    for key, token_id in media.items():
+        if key in config and token_id is not None and config[key] != token_id:
+            logger.warning("HF export: config.json %s = %d, but the tokenizer writes that placeholder as %d; "
+                           "writing %d", key, config[key], token_id, token_id)
+            config[key] = token_id
     if "text_config" in config:
         config["text_config"].update(ids)
     _write_json(config_path, config)
