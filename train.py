@@ -24,6 +24,7 @@ from titan_mm.data.plan import log_expected_padding
 from titan_mm.data.tokenizer import Tokenizer
 from titan_mm.eval.harness import TrainingEvaluation
 from titan_mm.hf.convert import args_for_hf_folder
+from titan_mm.hf.export import InferenceFiles
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.models.attention import resolve_backend
 from titan_mm.objectives import args_for_objective, build_objective
@@ -177,7 +178,9 @@ class Trainer:
             cfg.checkpoint, cfg.job.dump_folder, model_parts=self.model_parts, optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers, data_states=self.batches.checkpoint_states(),
             train_state=self.train_state, rank=self.rank, dp_rank=dp_rank, job=self.job,
-            group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args)
+            group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args,
+            inference_files=InferenceFiles(self.tokenizer, cfg.data.chat_format, cfg.data.min_pixels,
+                                           cfg.data.max_pixels))
         self.checkpointer.load(self.resume_step)
         self.batches_prepared = self.train_state.step * cfg.training.gradient_accumulation_steps
         """Microbatches prepared so far (for their seeds; the steps before a resume count too)."""

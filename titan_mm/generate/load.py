@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from titan_mm.config import JobConfig
+from titan_mm.config import ConfigError, JobConfig
 from titan_mm.data.chat import ChatDocumentBuilder
 from titan_mm.data.dataloader import build_document_builder
 from titan_mm.data.documents import Document, DocumentBuilder
@@ -32,10 +32,12 @@ class InferenceModel:
     mdlm by iterative unmasking (titan_mm/objectives/mdlm_sampler.py)."""
     prompt_builder: DocumentBuilder
     """Interleaved text / images / videos -> a prompt document (``DocumentBuilder.prompt``)."""
-    chat_builder: ChatDocumentBuilder
-    """Chat messages -> a prompt document in the chat format (``chat_prompt``)."""
+    chat_builder: ChatDocumentBuilder | None
+    """Chat messages -> a prompt document in the chat format (``chat_prompt``); None when the
+    tokenizer cannot write the chat format (``chat_error`` says why)."""
     source: str
     """Where the weights came from."""
+    chat_error: str = ""
 
     @property
     def device(self) -> torch.device:
@@ -43,7 +45,7 @@ class InferenceModel:
 
     def stop_token_ids(self) -> tuple[int, ...]:
         """eos, and the chat format's turn end when it is one token (<|im_end|>, <|eot_id|>)."""
-        turn_end = self.tokenizer.token_id(self.chat_builder.format.turn_end)
+        turn_end = self.tokenizer.token_id(self.chat_builder.format.turn_end) if self.chat_builder else None
         return tuple(dict.fromkeys(i for i in (self.tokenizer.eos_id, turn_end) if i is not None))
 
 
@@ -77,17 +79,22 @@ def load_model_for_inference(cfg: JobConfig, *, checkpoint: str | None = None, h
         param.data = param.data.to(dtype)
     model = model.to(device).eval()
     data_cfg = cfg.data if chat_format is None else dataclasses.replace(cfg.data, chat_format=chat_format)
+    try:
+        chat_builder, chat_error = build_document_builder(data_cfg, tokenizer, args.vision_input, kind="chat"), ""
+    except ConfigError as e:  # e.g. the default chat format (plain) with a Qwen tokenizer: raw prompts still work
+        chat_builder, chat_error = None, str(e)
     return InferenceModel(
         model=model, args=args, tokenizer=tokenizer, objective=objective,
         prompt_builder=build_document_builder(data_cfg, tokenizer, args.vision_input, kind="interleaved"),
-        chat_builder=build_document_builder(data_cfg, tokenizer, args.vision_input, kind="chat"),
-        source=source)
+        chat_builder=chat_builder, source=source, chat_error=chat_error)
 
 
 def chat_prompt(im: InferenceModel, messages: list[dict], media_root: str = ".") -> Document:
     """A prompt document of OpenAI-style ``messages`` (system / user / assistant; images and videos
     in user messages as paths relative to ``media_root``, or encoded bytes), written in the chat
     format and ending with the opening of the assistant's turn."""
+    if im.chat_builder is None:
+        raise ConfigError(f"no chat prompts: {im.chat_error}")
     return im.chat_builder.chat("prompt", messages, media_root, add_generation_prompt=True)
 
 
