@@ -46,7 +46,11 @@ def main(argv: list[str]) -> int:
         group = dist.group.WORLD
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     im = load_model_for_inference(cfg, checkpoint=opts["--weights"], hf_path=opts["--hf_path"], device=device)
-    results = Evaluator(cfg, im, group=group).run(tasks)
+    try:
+        results = Evaluator(cfg, im, group=group).run(tasks)
+    except ConfigError as e:  # every rank meets it at the same task
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     if group is None or dist.get_rank() == 0:
         out = cfg.eval.out or os.path.join(cfg.job.dump_folder, "eval", "results.json")
         write_results(results, out, weights=im.source, ranks=dist.get_world_size() if group else 1)

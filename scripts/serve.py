@@ -36,6 +36,8 @@ def main(argv: list[str]) -> int:
         cfg, _ = parse_args(rest)
         im = load_model_for_inference(cfg, checkpoint=opts["--weights"], hf_path=opts["--hf_path"],
                                       device=opts["--device"])
+        if im.chat_builder is None:
+            raise ConfigError(f"the server writes prompts in data.chat_format: {im.chat_error}")
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from titan_mm.config import JobConfig
+from titan_mm.config import ConfigError, JobConfig
 from titan_mm.data.dataloader import build_document_builder
 from titan_mm.data.documents import Document, SampleError, image_input
 from titan_mm.eval.metrics import anls, exact_match, option_letter
@@ -57,6 +57,8 @@ class Evaluator:
         if task.kind != "loss" and not self.im.objective.causal:
             raise ValueError(f"task {task.name} ({task.kind}) generates answers, which a model trained with "
                              f"objective {self.cfg.objective.name} cannot do left to right; run loss tasks")
+        if self.chat_builder is None and task.kind != "loss":
+            raise ConfigError(f"task {task.name} ({task.kind}) is prompted in data.chat_format: {self.im.chat_error}")
         records = read_records(task.path)
         if self.cfg.eval.max_samples:
             records = records[:self.cfg.eval.max_samples]
@@ -97,12 +99,16 @@ class Evaluator:
                     raise SampleError("malformed", f"{sample.id}: a caption record needs an image")
                 return self.caption_builder.caption(sample.id, image_input(image, root), record["caption"])
             if "messages" in record:
-                return self.chat_builder.chat(sample.id, record["messages"], root, record.get("images"))
+                return self.chat_document(sample.id, record["messages"], root, record.get("images"))
             if not (isinstance(record.get("question"), str) and isinstance(record["answer"], str)):
                 raise SampleError("malformed", f"{sample.id}: 'question' and 'answer' must be strings")
             answer, sample = record["answer"], Sample(sample.id, user_turn(record, record["question"]))
-        messages = [*sample.prompt, {"role": "assistant", "content": answer}]
-        return self.chat_builder.chat(sample.id, messages, root)
+        return self.chat_document(sample.id, [*sample.prompt, {"role": "assistant", "content": answer}], root)
+
+    def chat_document(self, ref: str, messages: list[dict], root: str, images: list | None = None) -> Document:
+        if self.chat_builder is None:
+            raise ConfigError(f"{ref} is a conversation, written in data.chat_format: {self.im.chat_error}")
+        return self.chat_builder.chat(ref, messages, root, images)
 
     def scores(self, docs: list[Document]) -> list:
         return score_documents(self.cfg, self.im.model, self.im.args, docs, self.cfg.job.seed, self.im.device)
