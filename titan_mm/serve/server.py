@@ -130,6 +130,7 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         try:
             if self.path.split("?")[0] != "/v1/chat/completions":
+                self.close_connection = True  # its body is not read
                 raise RequestError(404, f"no such endpoint {self.path}; use POST /v1/chat/completions")
             request = parse_request(self.read_body(), self.server.limits)
             job = self.server.submit(request)
