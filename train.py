@@ -22,7 +22,9 @@ from titan_mm.data.dataloader import build_dataloader, data_states
 from titan_mm.data.documents import DataError
 from titan_mm.data.plan import log_expected_padding
 from titan_mm.data.tokenizer import Tokenizer
+from titan_mm.eval.harness import TrainingEvaluation
 from titan_mm.hf.convert import args_for_hf_folder
+from titan_mm.hf.export import InferenceFiles
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.models.attention import resolve_backend
 from titan_mm.models.lora import apply_lora, init_adapters, is_adapter_key
@@ -111,6 +113,10 @@ class Trainer:
         self.model_args = with_attention_backend(self.model_args, backend)
         self.model_inputs = tuple(k for k in MODEL_INPUTS if backend == "varlen" or k not in LENGTHS)
         check_cuda_graph(cfg, self.device, self.world_size, backend)
+        if cfg.eval.interval and self.parallel_dims.ranks_per_batch > 1:
+            raise ConfigError("eval.interval evaluates the whole model on each data-parallel rank, which tensor, "
+                              "context, Ulysses and pipeline parallelism split; set eval.interval = 0 and "
+                              "evaluate the checkpoints with scripts/evaluate.py")
         mesh = self.parallel_dims.build_mesh(self.device.type)
         self.dp_rank = dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         # ranks that see different tokens: the loss and its token count are summed over them
@@ -180,7 +186,9 @@ class Trainer:
             train_state=self.train_state, rank=self.rank, dp_rank=dp_rank, job=self.job,
             group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args,
             saved_model_keys=is_adapter_key if cfg.lora.enabled and cfg.lora.save_adapters_only else None,
-            peft_export_path=cfg.lora.export_peft_path)
+            peft_export_path=cfg.lora.export_peft_path,
+            inference_files=InferenceFiles(self.tokenizer, cfg.data.chat_format, cfg.data.min_pixels,
+                                           cfg.data.max_pixels))
         self.checkpointer.load(self.resume_step)
         self.batches_prepared = self.train_state.step * cfg.training.gradient_accumulation_steps
         """Microbatches prepared so far (for their seeds; the steps before a resume count too)."""
@@ -197,6 +205,9 @@ class Trainer:
                          if self.compute_dtype != torch.float32 and not self.parallel_dims.fsdp_enabled
                          else contextlib.nullcontext())
         self.step_graph = StepGraph(self.device_step) if cfg.compile.cuda_graph else None
+        self.evaluation = None if not cfg.eval.interval else TrainingEvaluation(
+            cfg, self.model, self.model_args, self.tokenizer, self.objective, dp_group=self.dp_group,
+            rank=self.rank, autocast=self.autocast)
 
     def materialise(self, model: torch.nn.Module) -> torch.nn.Module:
         """Allocate a parallelized meta model on the device and initialise it from the job seed."""
@@ -267,6 +278,8 @@ class Trainer:
             self.checkpointer.export_hf(ckpt.export_hf_path)
         if last and self.cfg.lora.export_peft_path:
             self.checkpointer.export_peft()
+        if self.evaluation is not None and self.evaluation.due(step, last) and not preempted:
+            self.evaluation.run(step, self.metrics.writer)
         if preempted:
             saved = f"saved checkpoint step-{step}" if ckpt.enable else "checkpoint.enable = false: nothing saved"
             logger.warning("preempted (%s) at step %d: %s; run the same command to resume",

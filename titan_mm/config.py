@@ -369,6 +369,25 @@ class Lora:
 
 
 @dataclass
+class Eval:
+    tasks: list[str] = field(default_factory=list)
+    """Evaluation tasks as KIND:PATH (docs/evaluation.md), KIND one of loss, multiple_choice,
+    open_vqa; PATH a .jsonl or .parquet file, e.g.
+    multiple_choice:assets/eval_tasks/mc_shapes.jsonl."""
+    interval: int = 0
+    """During training: run eval.tasks every this many steps and at the last step, results in
+    TensorBoard (eval/TASK/METRIC) and dump_folder/eval/step-N.json; 0 = never."""
+    max_samples: int = 0
+    """Score the first this many samples of each task (0 = all)."""
+    max_new_tokens: int = 16
+    """Tokens generated at most per answer (greedy) for multiple_choice and open_vqa."""
+    batch_size: int = 8
+    """Prompts generated together."""
+    out: str = ""
+    """scripts/evaluate.py: write the results JSON here (default: dump_folder/eval/results.json)."""
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -383,6 +402,7 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     objective: Objective = field(default_factory=Objective)
     lora: Lora = field(default_factory=Lora)
+    eval: Eval = field(default_factory=Eval)
 
 
 # --- value checks that need more than a type ------------------------------------------------------
@@ -391,13 +411,14 @@ _POSITIVE = {
     "data.image_slots_per_row", "data.patches_per_slot", "data.min_pixels", "data.max_pixels",
     "data.pack_open_bins", "data.shuffle_buffer", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
     "training.gradient_accumulation_steps", "training.nonfinite_max_consecutive", "optimizer.lr",
-    "checkpoint.interval",
+    "checkpoint.interval", "eval.max_new_tokens", "eval.batch_size",
     "metrics.log_freq", "parallelism.tensor_parallel_degree", "parallelism.pipeline_parallel_degree",
     "parallelism.pipeline_parallel_stages_per_rank", "lora.rank",
 }
 _NON_NEGATIVE = {
     "data.num_workers", "data.plan_samples", "training.max_norm", "optimizer.weight_decay", "optimizer.eps",
     "lr_scheduler.warmup_steps", "checkpoint.keep_latest_k", "metrics.peak_tflops",
+    "eval.interval", "eval.max_samples",
 }
 _UNIT_INTERVAL = {"lora.dropout", "lr_scheduler.decay_ratio", "lr_scheduler.min_lr_ratio", "optimizer.beta1",
                   "optimizer.beta2"}
@@ -435,6 +456,7 @@ def _check_values(cfg: JobConfig) -> list[str]:
     if not cfg.lora.enabled and (cfg.lora.save_adapters_only or cfg.lora.export_peft_path):
         errors.append("lora.save_adapters_only / lora.export_peft_path are set but lora.enabled = false; "
                       "enable LoRA or unset them")
+    errors += _check_eval_tasks(cfg.eval)
     if cfg.checkpoint.initial_load_path and cfg.checkpoint.initial_load_hf_path:
         errors.append("checkpoint.initial_load_path and checkpoint.initial_load_hf_path are both set; "
                       "keep one")
@@ -483,6 +505,21 @@ def _check_data_files(data: Data) -> list[str]:
                     record_format(path, kind)
             except ConfigError as e:
                 errors.append(str(e))
+    return errors
+
+
+def _check_eval_tasks(cfg: Eval) -> list[str]:
+    """Every eval task is KIND:PATH of an existing .jsonl or .parquet file."""
+    from titan_mm.eval.tasks import parse_task
+
+    errors = []
+    for spec in cfg.tasks:
+        try:
+            parse_task(spec)
+        except ConfigError as e:
+            errors.append(str(e))
+    if cfg.interval and not cfg.tasks:
+        errors.append(f"eval.interval = {cfg.interval} but eval.tasks is empty; name the tasks to run")
     return errors
 
 
@@ -575,6 +612,21 @@ def _set(cfg: JobConfig, key: str, value, source: str) -> None:
         setattr(section, field_name, _convert(value, field_types[field_name], key))
     except ConfigError as e:
         raise ConfigError(f"{e} ({source})") from None
+
+
+def split_script_options(argv: list[str], defaults: dict[str, str | None]) -> tuple[dict, list[str]]:
+    """A script's own ``--option value`` pairs (the keys of ``defaults``) apart from the config
+    overrides that ``parse_args`` reads: (options with defaults filled in, the rest of ``argv``)."""
+    opts, rest, args = dict(defaults), [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in opts:
+            if not args:
+                raise ConfigError(f"{arg} needs a value")
+            opts[arg] = args.pop(0)
+        else:
+            rest.append(arg)
+    return opts, rest
 
 
 def parse_args(argv: list[str]) -> tuple[JobConfig, bool]:

@@ -43,6 +43,12 @@ class HFAdapter:
         """The family's args dataclass for an HF config.json."""
         raise NotImplementedError
 
+    def hf_processor_files(self, args, min_pixels: int, max_pixels: int) -> dict[str, dict]:
+        """{file name: JSON content} of the processor files transformers' AutoProcessor reads for
+        this family (preprocessor_config.json, ...), for images resized into [min_pixels,
+        max_pixels]; none for a text model."""
+        return {}
+
     def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """HF names and tensors; fused ones are concatenated, so pass full (not sharded) tensors
         when the model has any (``rename_to_hf`` leaves them out)."""

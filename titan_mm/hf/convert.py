@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 
 from titan_mm.config import ConfigError
 from titan_mm.hf.adapter import TOKEN_ID_FIELDS
+from titan_mm.hf.export import InferenceFiles, write_inference_files
 from titan_mm.hf.io import load_hf_weights, save_hf_weights
 from titan_mm.models import ModelSpec
 from titan_mm.models.lora import is_adapter_key
@@ -95,10 +96,12 @@ def hf_to_dcp(spec: ModelSpec, hf_folder: str, out_folder: str, flavor: str | No
     return args
 
 
-def dcp_to_hf(spec: ModelSpec, dcp_folder: str, out_folder: str, flavor: str, dtype: torch.dtype | None = None):
+def dcp_to_hf(spec: ModelSpec, dcp_folder: str, out_folder: str, flavor: str, dtype: torch.dtype | None = None,
+              inference_files: InferenceFiles | None = None):
     """Weights of a model-only export or of a full training checkpoint (its model part). A DCP folder
     written by hf_to_dcp holds its source's config.json: the flavor is checked against it and its
-    token ids are written back; otherwise the flavor's own are."""
+    token ids are written back; otherwise the flavor's own are. ``inference_files``: also the
+    tokenizer, chat template, generation and processor configs (titan_mm/hf/export.py)."""
     if os.path.isfile(os.path.join(dcp_folder, "config.json")):
         args = args_for_hf_folder(spec, dcp_folder, flavor)
     else:
@@ -112,3 +115,5 @@ def dcp_to_hf(spec: ModelSpec, dcp_folder: str, out_folder: str, flavor: str, dt
     model = empty_model(spec, args)
     dcp.load({"model": ModelState(model)}, checkpoint_id=dcp_folder)
     save_hf_weights(model, spec.hf_adapter, args, out_folder, dtype=dtype)
+    if inference_files is not None:
+        write_inference_files(out_folder, spec.hf_adapter, args, inference_files)

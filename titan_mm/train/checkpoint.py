@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from titan_mm.config import Checkpoint as CheckpointConfig
 from titan_mm.config import ConfigError
+from titan_mm.hf.export import InferenceFiles, write_inference_files
 from titan_mm.hf.io import load_hf_weights, save_hf_weights
 from titan_mm.hf.peft import save_peft_adapter
 from titan_mm.models.lora import adapter_scalings, is_adapter_key
@@ -168,12 +169,14 @@ class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model_parts: list[torch.nn.Module],
                  optimizers: list, lr_schedulers: list, data_states: dict[str, Stateful],
                  train_state: Stateful, rank: int, dp_rank: int, job: dict, group=None, hf_adapter=None,
-                 model_args=None, saved_model_keys: Callable[[str], bool] | None = None, peft_export_path: str = ""):
+                 model_args=None, saved_model_keys: Callable[[str], bool] | None = None, peft_export_path: str = "",
+                 inference_files: InferenceFiles | None = None):
         """model_parts: the whole model, or this rank's pipeline stages; one optimizer and LR
         scheduler per part. data_states: this rank's data position by checkpoint key
         (titan_mm/data/dataloader.py:data_states). job: what the manifest records of the run
         (train/resume.py); group: a gloo group of every rank for DCP's collectives (None: a single
-        process).
+        process). inference_files: what an HF export writes beside the weights (tokenizer, chat
+        template, generation and processor configs; titan_mm/hf/export.py).
 
         Dataloader and RNG states are keyed by data-parallel rank: the ranks that read the same data
         (tensor- and pipeline-parallel peers) hold the same loader state and one copy is kept, so a
@@ -194,7 +197,7 @@ class CheckpointManager:
         """(step, the save in flight): its write and, on rank 0, its commit."""
         self.drill_enospc_step = int(os.environ.get(DRILL_ENOSPC_STEP, "0"))
         self.model_parts = model_parts
-        self.hf_adapter, self.model_args = hf_adapter, model_args
+        self.hf_adapter, self.model_args, self.inference_files = hf_adapter, model_args, inference_files
         self.peft_export_path = peft_export_path
         if cfg.initial_load_hf_path or cfg.export_hf_path or peft_export_path:
             if hf_adapter is None:
@@ -302,6 +305,8 @@ class CheckpointManager:
         dtype = torch.bfloat16 if self.cfg.export_hf_dtype == "bf16" else torch.float32
         (model,) = self.model_parts  # pipeline parallelism refuses HF export up front
         save_hf_weights(model, self.hf_adapter, self.model_args, path, dtype=dtype)
+        if self.inference_files is not None and self.rank == 0:
+            write_inference_files(path, self.hf_adapter, self.model_args, self.inference_files)
         logger.info("exported HF weights to %s in %.1fs", path, time.perf_counter() - start)
 
     def export_peft(self):

@@ -45,6 +45,17 @@ class LlavaAdapter(HFAdapter):
                 "image_token_index": args.image_token_id, **_FIXED_CONFIG,
                 "tie_word_embeddings": text["tie_word_embeddings"]}
 
+    def hf_processor_files(self, args: LlavaArgs, min_pixels: int, max_pixels: int) -> dict[str, dict]:
+        """SigLIP2's naflex image processor, its patch budget the run's max_pixels. (transformers'
+        LlavaProcessor counts image tokens of fixed-size images, so it is not named: prompts expand
+        each image placeholder to the image's patch count, as titan_mm's builders do.)"""
+        v = args.vision
+        return {"preprocessor_config.json": {
+            "image_processor_type": "Siglip2ImageProcessor", "patch_size": v.patch_size,
+            "max_num_patches": max_pixels // v.patch_size ** 2, "do_resize": True, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(v.image_mean),
+            "image_std": list(v.image_std)}}
+
     def args_from_hf_config(self, config: dict) -> LlavaArgs:
         wrong = {k: config.get(k, v) for k, v in _FIXED_CONFIG.items() if config.get(k, v) != v}
         if wrong:
