@@ -1,0 +1,38 @@
+"""Cambrian family: several vision encoders + Spatial Vision Aggregator + Llama / Qwen decoder
+(docs/cambrian.md)."""
+
+import dataclasses
+
+from titan_mm.models import ModelSpec
+from titan_mm.models.cambrian.encoders import EncoderArgs
+from titan_mm.models.cambrian.model import CambrianArgs, CambrianModel, training_flops
+from titan_mm.models.cambrian.parallelize import (parallelize_cambrian, pipeline_first_stage_layers,
+                                                  tensor_parallel_sizes)
+from titan_mm.models.llama import FLAVORS as TEXT_FLAVORS
+from titan_mm.models.siglip2.model import VisionArgs
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+FLAVORS = {
+    # two SigLIP2-style encoders of different widths, patch sizes, image sizes and normalisations:
+    # the first's 8 x 8 grid gives 2 x 2 windows of a 4 x 4 query grid, the second's 3 x 3 grid is
+    # resized to 4 x 4 (one feature a window); SVA layers after decoder layers 0 and 1
+    "debug": CambrianArgs(
+        encoders=(
+            EncoderArgs("siglip2", VisionArgs(dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=128, patch_size=8,
+                                              pos_embed_side=8), image_size=64, window=2),
+            EncoderArgs("siglip2", VisionArgs(dim=96, n_layers=2, n_heads=4, ffn_hidden_dim=192, patch_size=16,
+                                              pos_embed_side=4, image_mean=CLIP_MEAN, image_std=CLIP_STD),
+                        image_size=48, window=1),
+        ),
+        decoder=TEXT_FLAVORS["debug"].decoder,
+        query_side=4, sva_dim=64, sva_heads=4, aggregator_layers=1, decoder_sva_layers=(0, 1),
+        image_token_id=4),
+}
+# the debug model with its own output head, which pipeline parallelism needs
+FLAVORS["debug-untied"] = dataclasses.replace(
+    FLAVORS["debug"], decoder=dataclasses.replace(FLAVORS["debug"].decoder, tie_embeddings=False))
+
+SPEC = ModelSpec(name="cambrian", flavors=FLAVORS, model_cls=CambrianModel, parallelize=parallelize_cambrian,
+                 training_flops=training_flops, tensor_parallel_sizes=tensor_parallel_sizes,
+                 pipeline_first_stage_layers=pipeline_first_stage_layers)
