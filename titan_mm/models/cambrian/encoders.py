@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from titan_mm.models.attention import AttentionMask
+from titan_mm.models.siglip2.hf_adapter import vision_key_map
 from titan_mm.models.siglip2.model import VisionArgs, VisionTransformer
 
 
@@ -80,6 +81,11 @@ class SigLIP2Encoder(VisionTransformer):
     @staticmethod
     def tensor_parallel_sizes(args: VisionArgs) -> dict[str, int]:
         return {"n_heads": args.n_heads, "ffn_hidden_dim": args.ffn_hidden_dim}
+
+    @staticmethod
+    def hf_key_map(hf_prefix: str, ours_prefix: str) -> list[tuple[str, str]]:
+        """Siglip2VisionModel's names under ``hf_prefix`` (its ``vision_model.``)."""
+        return vision_key_map(hf_prefix + "vision_model.", ours_prefix)
 
     @staticmethod
     def feature_dim_of(args: VisionArgs) -> int:

@@ -109,8 +109,9 @@ class SVALayer(nn.Module):
         self.k_projs = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in windows)
         self.v_norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps) for _ in windows)
         self.v_projs = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in windows)
-        self.pos_embeds = nn.ParameterList(nn.Parameter(torch.empty(w * w, dim)) for w in windows if w > 1)
-        self.has_pos = tuple(w > 1 for w in windows)
+        # keyed by encoder index: windows of one feature (w = 1) have none
+        self.pos_embeds = nn.ParameterDict({str(k): nn.Parameter(torch.empty(w * w, dim))
+                                            for k, w in enumerate(windows) if w > 1})
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp_1 = nn.Linear(dim, dim, bias=False)
@@ -118,11 +119,10 @@ class SVALayer(nn.Module):
 
     def forward(self, queries_MQ: torch.Tensor, context_MC: torch.Tensor, *windows_MWC: torch.Tensor):
         x_MC = self.proj_in(torch.cat([queries_MQ, self.proj_context(context_MC)], -1))
-        pos = iter(self.pos_embeds)
         keys, values = [], []
         for k, win_MWC in enumerate(windows_MWC):
-            if self.has_pos[k]:
-                win_MWC = win_MWC + next(pos).to(win_MWC.dtype)
+            if str(k) in self.pos_embeds:
+                win_MWC = win_MWC + self.pos_embeds[str(k)].to(win_MWC.dtype)
             keys.append(self.k_projs[k](self.k_norms[k](win_MWC)))
             values.append(self.v_projs[k](self.v_norms[k](win_MWC)))
         M, C = x_MC.shape
@@ -141,7 +141,7 @@ class SVALayer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        for p in self.pos_embeds:
+        for p in self.pos_embeds.values():
             nn.init.normal_(p, std=std)
 
 
@@ -234,10 +234,11 @@ class CambrianModel(nn.Module):
         self.args = args
         self.vision = CambrianVision(args)
         windows = tuple(e.window for e in args.encoders)
-        # keyed by the decoder layer each follows
+        # the j-th runs after decoder layer decoder_sva_layers[j]
         self.decoder_sva = nn.ModuleDict({
-            str(i): SVALayer(args.decoder.dim, args.sva_dim, windows, args.sva_heads, args.norm_eps)
-            for i in args.decoder_sva_layers}) if args.decoder_sva_layers else None
+            str(j): SVALayer(args.decoder.dim, args.sva_dim, windows, args.sva_heads, args.norm_eps)
+            for j in range(len(args.decoder_sva_layers))}) if args.decoder_sva_layers else None
+        self.decoder_sva_after = {layer: str(j) for j, layer in enumerate(args.decoder_sva_layers)}
         self.decoder = Decoder(args.decoder)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
@@ -267,7 +268,7 @@ class CambrianModel(nn.Module):
                          windows: list[torch.Tensor], context_IC: torch.Tensor) -> torch.Tensor:
         """After decoder layer ``layer_id``: the SVA layer that follows it (if any) updates the
         hidden states of the image tokens (newlines kept), read and written at positions_M."""
-        if str(layer_id) not in self.decoder_sva:
+        if layer_id not in self.decoder_sva_after:
             return h_BSD
         B, S, D = h_BSD.shape
         G, cols = self.args.grid_hw
@@ -275,7 +276,7 @@ class CambrianModel(nn.Module):
         h_TD = torch.cat([h_BSD.reshape(B * S, D), h_BSD.new_zeros(1, D)])
         tokens_IGcD = h_TD[positions_M].view(-1, G, cols, D)
         cells_MD = tokens_IGcD[:, :, :G].reshape(-1, D)
-        out_MD = self.decoder_sva[str(layer_id)](cells_MD, per_cell(context_IC, G * G).to(h_BSD.dtype),
+        out_MD = self.decoder_sva[self.decoder_sva_after[layer_id]](cells_MD, per_cell(context_IC, G * G).to(h_BSD.dtype),
                                                  *(w.to(h_BSD.dtype) for w in windows))
         tokens_IGcD = torch.cat([out_MD.view(-1, G, G, D), tokens_IGcD[:, :, G:]], dim=2)
         return scatter_image_embeddings(h_BSD, tokens_IGcD.reshape(-1, D), positions_M)
@@ -293,9 +294,10 @@ def check_cambrian_args(args: CambrianArgs):
     for e in args.encoders:
         if e.kind not in ENCODERS:
             raise ValueError(f"unknown encoder kind {e.kind!r}; available: {sorted(ENCODERS)}")
-    bad = [i for i in args.decoder_sva_layers if not 0 <= i < args.decoder.n_layers]
-    if bad:
-        raise ValueError(f"decoder_sva_layers {bad} are not decoder layers (0..{args.decoder.n_layers - 1})")
+    layers = list(args.decoder_sva_layers)
+    if layers != sorted(set(layers)) or not all(0 <= i < args.decoder.n_layers for i in layers):
+        raise ValueError(f"decoder_sva_layers {layers} must be increasing decoder layers "
+                         f"(0..{args.decoder.n_layers - 1})")
 
 
 def training_flops(args: CambrianArgs, shape: BatchShape) -> float:
