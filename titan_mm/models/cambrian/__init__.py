@@ -5,6 +5,8 @@ import dataclasses
 
 from titan_mm.models import ModelSpec
 from titan_mm.models.cambrian.encoders import EncoderArgs
+from titan_mm.models.clip.model import CLIPVisionArgs
+from titan_mm.models.dinov2.model import Dinov2Args
 from titan_mm.models.cambrian.model import CambrianArgs, CambrianModel, training_flops
 from titan_mm.models.cambrian.parallelize import (parallelize_cambrian, pipeline_first_stage_layers,
                                                   tensor_parallel_sizes)
@@ -13,21 +15,32 @@ from titan_mm.models.siglip2.model import VisionArgs
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
+_DEBUG_SVA = dict(decoder=TEXT_FLAVORS["debug"].decoder, query_side=4, sva_dim=64, sva_heads=4, aggregator_layers=1,
+                  decoder_sva_layers=(0, 1), image_token_id=4)
+
 FLAVORS = {
-    # two SigLIP2-style encoders of different widths, patch sizes, image sizes and normalisations:
-    # the first's 8 x 8 grid gives 2 x 2 windows of a 4 x 4 query grid, the second's 3 x 3 grid is
-    # resized to 4 x 4 (one feature a window); SVA layers after decoder layers 0 and 1
+    # ~4M parameters, one encoder of each kind at its own width, patch size, image size and
+    # normalisation: SigLIP2's 8 x 8 grid gives 2 x 2 windows of the 4 x 4 query grid; CLIP's 3 x 3
+    # and DINOv2's 5 x 5 grids (with a register token) are resized to 4 x 4 (one feature a window);
+    # SVA layers after decoder layers 0 and 1
     "debug": CambrianArgs(
+        encoders=(
+            EncoderArgs("siglip2", VisionArgs(dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=128, patch_size=8,
+                                              pos_embed_side=8), image_size=64, window=2),
+            EncoderArgs("clip", CLIPVisionArgs(dim=96, n_layers=3, n_heads=4, ffn_hidden_dim=192, patch_size=16,
+                                               image_size=48), image_size=48, window=1),
+            EncoderArgs("dinov2", Dinov2Args(dim=64, n_layers=2, n_heads=4, mlp_ratio=2, patch_size=8, image_size=64,
+                                             num_register_tokens=1), image_size=40, window=1),
+        ), **_DEBUG_SVA),
+    # two SigLIP2-style encoders (the second with CLIP's normalisation)
+    "debug-siglip2x2": CambrianArgs(
         encoders=(
             EncoderArgs("siglip2", VisionArgs(dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=128, patch_size=8,
                                               pos_embed_side=8), image_size=64, window=2),
             EncoderArgs("siglip2", VisionArgs(dim=96, n_layers=2, n_heads=4, ffn_hidden_dim=192, patch_size=16,
                                               pos_embed_side=4, image_mean=CLIP_MEAN, image_std=CLIP_STD),
                         image_size=48, window=1),
-        ),
-        decoder=TEXT_FLAVORS["debug"].decoder,
-        query_side=4, sva_dim=64, sva_heads=4, aggregator_layers=1, decoder_sva_layers=(0, 1),
-        image_token_id=4),
+        ), **_DEBUG_SVA),
 }
 # the debug model with its own output head, which pipeline parallelism needs
 FLAVORS["debug-untied"] = dataclasses.replace(

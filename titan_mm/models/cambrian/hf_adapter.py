@@ -19,8 +19,9 @@ Inside an SVA layer (``VisionCrossAttentionLayer``): ``cross_attn.q_proj.{0,1}``
 Linear) -> ``q_norm`` / ``q_proj``, ``cross_attn.{k,v}_proj_{k}.{0,1}`` -> ``{k,v}_norms.{k}`` /
 ``{k,v}_projs.{k}``, ``cross_attn.o_proj`` -> ``o_proj``, ``proj_out.linear_{1,2}`` ->
 ``mlp_{1,2}``, ``pos_embed_{k}`` -> ``pos_embeds.{k}``; ``proj_context``, ``proj_in`` and ``norm``
-keep their names. Encoders are mapped by their kind's HF key map (``hf_key_map`` of the encoder
-class); a tower stored in another layout (open_clip / timm) has none and is reported missing.
+keep their names. Encoders are mapped by their kind's HF key map (``ENCODERS[kind].hf_key_map``:
+Siglip2VisionModel's, CLIPVisionModel's or Dinov2Model's names under the tower's prefix); a tower
+stored in another layout (an open_clip / timm SigLIP) has none and is reported missing.
 """
 
 
@@ -70,9 +71,11 @@ class CambrianAdapter(HFAdapter):
             *sva_key_map(r"decoder_sva\.(?P<j>\d+)\.", "model.vision_sampler_layers.{j}.layers.0."),
             *decoder_key_map("model.", lm_head="lm_head"),
         ]
+        self.fused_key_map = []
         for k, e in enumerate(args.encoders):
-            self.key_map += ENCODERS[e.kind].hf_key_map(f"model.vision_tower_aux_list.{k}.vision_tower.",
-                                                        f"vision.encoders.{k}.")
+            hf_prefix, ours_prefix = f"model.vision_tower_aux_list.{k}.vision_tower.", f"vision.encoders.{k}."
+            self.key_map += ENCODERS[e.kind].hf_key_map(hf_prefix, ours_prefix)
+            self.fused_key_map += ENCODERS[e.kind].hf_fused_key_map(hf_prefix, ours_prefix)
 
     def from_hf(self, hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         groups = hf_state_dict.get("model.vision_query")

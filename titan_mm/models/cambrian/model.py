@@ -53,7 +53,6 @@ class CambrianArgs:
     """LayerNorm epsilon of the projections and SVA layers."""
     image_token_id: int = -1
     """Id of the image placeholder token (the model itself reads image_token_index)."""
-    init_std: float = 0.02
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -134,15 +133,15 @@ class SVALayer(nn.Module):
         return queries_MQ + self.mlp_2(F.gelu(self.mlp_1(x_MC)))
 
     @torch.no_grad()
-    def init_weights(self, std: float):
+    def init_weights(self):
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=std)
+                init_fan_in(module)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         for p in self.pos_embeds.values():
-            nn.init.normal_(p, std=std)
+            nn.init.normal_(p)  # as the official code draws them
 
 
 class CambrianVision(nn.Module):
@@ -158,8 +157,8 @@ class CambrianVision(nn.Module):
         C, G, eps = args.sva_dim, args.query_side, args.norm_eps
         windows = tuple(e.window for e in args.encoders)
         self.encoders = nn.ModuleDict({str(k): build_encoder(e) for k, e in enumerate(args.encoders)})
-        self.projections = nn.ModuleDict({k: EncoderProjection(enc.feature_dim, C, eps)
-                                          for k, enc in self.encoders.items()})
+        self.projections = nn.ModuleDict({str(k): EncoderProjection(ENCODERS[e.kind].feature_dim(e.vision), C, eps)
+                                          for k, e in enumerate(args.encoders)})
         self.queries = nn.Parameter(torch.empty(G * G, C))
         self.layers = nn.ModuleDict({str(i): SVALayer(C, C, windows, args.sva_heads, eps)
                                      for i in range(args.aggregator_layers)})
@@ -173,7 +172,7 @@ class CambrianVision(nn.Module):
         windows, context_IC = [], None
         for k, images_I3RR in enumerate(split_encoder_images(pixel_values_NLD, self.input_spec)):
             enc_args = self.args.encoders[k]
-            features_IhwC = self.encoders[str(k)](images_I3RR)
+            features_IhwC, _ = self.encoders[str(k)](images_I3RR)  # the class token is not read
             side = enc_args.window * G
             if features_IhwC.shape[1] != side:
                 features_IhwC = F.interpolate(features_IhwC.permute(0, 3, 1, 2), size=(side, side),
@@ -195,23 +194,31 @@ class CambrianVision(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        std = self.args.init_std
         for enc in self.encoders.values():
             enc.init_weights()
         for proj in self.projections.values():
             for lin in (proj.linear_1, proj.linear_2):
-                nn.init.trunc_normal_(lin.weight, std=std)
-                nn.init.zeros_(lin.bias)
+                init_fan_in(lin)
             nn.init.ones_(proj.norm.weight)
             nn.init.zeros_(proj.norm.bias)
-        nn.init.normal_(self.queries, std=std)
+        # what the official code draws: unit-variance features after each projection, queries and
+        # newline of the decoder's embedding scale
+        nn.init.normal_(self.queries, std=self.args.decoder.dim ** -0.5)
         for layer in self.layers.values():
-            layer.init_weights(std)
+            layer.init_weights()
         for lin in (self.projector_1, self.projector_2):
-            nn.init.trunc_normal_(lin.weight, std=std)
-            nn.init.zeros_(lin.bias)
+            init_fan_in(lin)
         if self.image_newline is not None:
-            nn.init.normal_(self.image_newline, std=std)
+            nn.init.normal_(self.image_newline, std=self.args.decoder.dim ** -0.5)
+
+
+def init_fan_in(linear: nn.Linear):
+    """Weights of std 1 / sqrt(fan_in) (features keep their scale through the layer), zero bias.
+    The aggregator's chain of projections with the decoder's 0.02 would shrink the image tokens
+    to a few hundredths of the text's: the debug model then learned to ignore its images."""
+    nn.init.trunc_normal_(linear.weight, std=linear.in_features ** -0.5)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
 
 
 def cell_windows(grid_IhwC: torch.Tensor, G: int) -> torch.Tensor:
@@ -286,7 +293,7 @@ class CambrianModel(nn.Module):
             self.vision.init_weights()
         if self.decoder_sva is not None:
             for layer in self.decoder_sva.values():
-                layer.init_weights(self.args.init_std)
+                layer.init_weights()
         self.decoder.init_weights()
 
 
@@ -310,12 +317,12 @@ def training_flops(args: CambrianArgs, shape: BatchShape) -> float:
     decoder_linear += d.dim * d.vocab_size
     images = shape.patches / (args.grid_hw[0] * args.grid_hw[1])
     G2, C = args.query_side ** 2, args.sva_dim
-    per_image = 0  # multiply-adds of one image
+    encoders = 0  # forward FLOPs of one image's encoders
+    per_image = 0  # multiply-adds of one image past the encoders
     for e in args.encoders:
-        cls = ENCODERS[e.kind]
-        linear, attention = cls.forward_macs(e.vision, e.image_size)
-        feature_dim = cls.feature_dim_of(e.vision)
-        per_image += linear + attention + (e.window ** 2 * G2) * (feature_dim * C + C * C)
+        kind = ENCODERS[e.kind]
+        encoders += kind.flops_per_image(e.vision, e.image_size)
+        per_image += (e.window ** 2 * G2) * (kind.feature_dim(e.vision) * C + C * C)
     kv = sum(e.window ** 2 for e in args.encoders)
 
     def sva_macs(q: int) -> int:  # one layer, one cell
@@ -323,7 +330,7 @@ def training_flops(args: CambrianArgs, shape: BatchShape) -> float:
 
     per_image += G2 * (args.aggregator_layers * sva_macs(C) + C * d.dim + d.dim * d.dim)
     per_image += G2 * len(args.decoder_sva_layers) * sva_macs(d.dim)
-    forward = (2 * decoder_linear * shape.tokens + 2 * per_image * images
+    forward = (2 * decoder_linear * shape.tokens + (encoders + 2 * per_image) * images
                + d.n_layers * (2 if d.causal else 4) * q_dim * shape.doc_len_sq_sum)
     return 3.0 * forward
 

@@ -53,7 +53,7 @@ def tensor_parallel_sizes(args: CambrianArgs, cfg) -> dict[str, int]:
     sizes = decoder_tensor_parallel_sizes(args, cfg)
     for k, e in enumerate(args.encoders):
         for name, size in ENCODERS[e.kind].tensor_parallel_sizes(e.vision).items():
-            sizes[f"encoder {k} ({e.kind}) {name}"] = size
+            sizes[f"encoder {k} {name}"] = size
     return sizes
 
 
