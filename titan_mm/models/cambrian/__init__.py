@@ -5,8 +5,11 @@ import dataclasses
 
 from titan_mm.models import ModelSpec
 from titan_mm.models.cambrian.encoders import EncoderArgs
+from titan_mm.models.clip import FLAVORS as CLIP_FLAVORS
 from titan_mm.models.clip.model import CLIPVisionArgs
+from titan_mm.models.dinov2 import FLAVORS as DINOV2_FLAVORS
 from titan_mm.models.dinov2.model import Dinov2Args
+from titan_mm.models.llava import QWEN_IMAGE_PAD_ID
 from titan_mm.models.cambrian.model import CambrianArgs, CambrianModel, training_flops
 from titan_mm.models.cambrian.parallelize import (parallelize_cambrian, pipeline_first_stage_layers,
                                                   tensor_parallel_sizes)
@@ -42,6 +45,21 @@ FLAVORS = {
                         image_size=48, window=1),
         ), **_DEBUG_SVA),
 }
+# Cambrian-1's design at real size: SigLIP2-so400m/14 at 384 px (27 x 27), CLIP ViT-L/14 at 336 px
+# (24 x 24, penultimate layer), DINOv2-L/14 at 378 px (27 x 27), each grid resized to the 24 x 24
+# query grid (one feature a window, as the released models' 576-token towers); C = 1024, 16 heads,
+# 3 aggregator layers, SVA after decoder layers 0, 3, ..., 27 (start 0, stride 3, 10 layers)
+FLAVORS["siglip2-so400m-clip-l-dinov2-l-qwen3-8b"] = CambrianArgs(
+    encoders=(
+        EncoderArgs("siglip2", VisionArgs(dim=1152, n_layers=27, n_heads=16, ffn_hidden_dim=4304, patch_size=14,
+                                          pos_embed_side=27, channels_last=True, apply_post_layernorm=False),
+                    image_size=384, window=1),
+        EncoderArgs("clip", CLIP_FLAVORS["vit-l-14-336"], image_size=336, window=1),
+        EncoderArgs("dinov2", DINOV2_FLAVORS["vit-l-14"], image_size=378, window=1),
+    ),
+    decoder=TEXT_FLAVORS["qwen3-8b"].decoder, query_side=24, sva_dim=1024, sva_heads=16, aggregator_layers=3,
+    decoder_sva_layers=tuple(range(0, 30, 3)), image_token_id=QWEN_IMAGE_PAD_ID)
+
 # the debug model with its own output head, which pipeline parallelism needs
 FLAVORS["debug-untied"] = dataclasses.replace(
     FLAVORS["debug"], decoder=dataclasses.replace(FLAVORS["debug"].decoder, tie_embeddings=False))
