@@ -287,7 +287,7 @@ def synthetic_official_state_dict(args) -> dict:
 
 
 @torch.no_grad()
-def test_official_checkpoint_names_load_and_compute_the_official_sva():
+def test_official_checkpoint_names_load_and_compute_the_official_sva(tmp_path):
     """A synthetic state dict in the official layout maps onto every parameter of the model (strict
     load, nothing left over); the loaded aggregator and in-decoder SVA layers compute what the
     official modules compute from the same tensors (1e-6), and the one official query vector fills
@@ -309,3 +309,15 @@ def test_official_checkpoint_names_load_and_compute_the_official_sva():
         ref = official_sva_cell(osd, prefix, query, context, windows)
         got = layer(query[None], context[None], *(w[None] for w in windows))[0]
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+    # the folder conversion gives the same weights as a DCP checkpoint training starts from
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from titan_mm.models.cambrian.hf_adapter import official_to_dcp
+    from titan_mm.train.checkpoint import ModelState
+    save_file({k: v.contiguous() for k, v in osd.items()}, str(tmp_path / "model.safetensors"))
+    official_to_dcp(args, str(tmp_path), str(tmp_path / "dcp"))
+    loaded = CambrianModel(args)
+    dcp.load({"model": ModelState(loaded)}, checkpoint_id=str(tmp_path / "dcp"))
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

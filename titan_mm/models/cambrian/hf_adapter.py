@@ -25,11 +25,13 @@ stored in another layout (an open_clip / timm SigLIP) has none and is reported m
 """
 
 
+import os
+
 import torch
 
 from titan_mm.hf.adapter import HFAdapter
 from titan_mm.models.cambrian.encoders import ENCODERS
-from titan_mm.models.cambrian.model import CambrianArgs
+from titan_mm.models.cambrian.model import CambrianArgs, CambrianModel
 from titan_mm.models.llama.hf_adapter import decoder_key_map
 
 _SVA_LAYER = [  # (ours, official) inside one SVA layer
@@ -99,3 +101,23 @@ class CambrianAdapter(HFAdapter):
         raise NotImplementedError("build CambrianArgs from a flavor; the adapter maps the weights")
 
 
+
+
+def official_to_dcp(args: CambrianArgs, official_folder: str, out_folder: str):
+    """An official Cambrian checkpoint folder (its *.safetensors) -> a model-only DCP folder that
+    ``checkpoint.initial_load_path`` starts training from. Every parameter must be found (strict)."""
+    from safetensors.torch import load_file
+    import torch.distributed.checkpoint as dcp
+    from titan_mm.train.checkpoint import ModelState
+
+    official = {}
+    for name in sorted(os.listdir(official_folder)):
+        if name.endswith(".safetensors"):
+            official.update(load_file(os.path.join(official_folder, name)))
+    if not official:
+        raise FileNotFoundError(f"no .safetensors files in {official_folder}")
+    with torch.device("meta"):
+        model = CambrianModel(args)
+    model.to_empty(device="cpu")
+    model.load_state_dict(CambrianAdapter(args).from_hf(official), strict=True)
+    dcp.save({"model": ModelState(model)}, checkpoint_id=out_folder)
