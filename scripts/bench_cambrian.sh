@@ -4,8 +4,10 @@
 # path (scripts/bench_train.py) on the bundled captions, FSDP off, full activation checkpointing,
 # compile, bf16 parameters and AdamW state (9.5B parameters: 76 GB of states, so one H200).
 # MFU counts every encoder, the aggregator and the in-decoder SVA layers (training_flops).
-# Both read each image at about 600 image tokens: Cambrian 24 x (24 + 1), LLaVA 24 x 24 patches of
-# 16 px (every image resized to 384 x 384 px); rows of 8192 tokens hold up to 13 images.
+# Both read each image at about 600 image tokens: Cambrian 24 x (24 + 1), LLaVA about 24 x 24 patches
+# of 16 px (every image resized to about 384 x 384 px, up to 609 patches for other aspect ratios,
+# one image a slot of 640); rows of 8192 tokens hold 13 images (checked on a CPU: 441 and 389 TFLOP
+# a step).
 #
 #     scripts/bench_cambrian.sh OUTDIR      # writes OUTDIR/bench_train_{cambrian,llava}_qwen3_8b.json
 #
@@ -22,5 +24,5 @@ COMMON=(--data.path assets/sample_data/captions_train.jsonl --data.dataset capti
 python scripts/bench_train.py --job.config_file train_configs/cambrian_qwen3_8b.toml "${COMMON[@]}" \
     --data.patches_per_slot 600 --name cambrian_qwen3_8b --out "$OUT/bench_train_cambrian_qwen3_8b.json"
 python scripts/bench_train.py --job.config_file train_configs/llava_siglip2_qwen3_8b.toml "${COMMON[@]}" \
-    --data.patches_per_slot 576 --data.min_pixels 147456 --data.max_pixels 147456 \
+    --data.patches_per_slot 640 --data.min_pixels 147456 --data.max_pixels 147456 \
     --name llava_qwen3_8b --out "$OUT/bench_train_llava_qwen3_8b.json"
