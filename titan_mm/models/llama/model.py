@@ -169,9 +169,9 @@ class Decoder(nn.Module):
         position_ids: [B, S], or [B, 3, S] with M-RoPE. layer_additions[i] ([B, S, D]) is added to
         the output of layer i (DeepStack visual features). document_lengths [B, K]: each row's
         document (and padding) lengths, for the varlen attention backend. after_layer(i, h_BSD), when
-        given, maps the output of layer i (Cambrian's aggregator layers inside the decoder). Returns
-        the final hidden
-        states [B, S, D] (after the final norm; before it on a pipeline stage without one)."""
+        given, maps the output of layer i (Cambrian's SVA layers inside the decoder). Returns the
+        final hidden states [B, S, D] (after the final norm; before it on a pipeline stage without
+        one)."""
         if self.tok_embeddings is not None and not h_BSD.is_floating_point():
             h_BSD = self.tok_embeddings(h_BSD)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.mrope_section,
