@@ -86,7 +86,7 @@ def main(argv: list[str]):
         answer = mdlm_generate(model, inputs, start, mask_id=objective.mask_id, gen_length=int(opts["--gen_length"]),
                                steps=int(opts["--steps"]), block_length=int(opts["--block_length"]),
                                remasking=opts["--remasking"], temperature=float(opts["--temperature"]),
-                               generator=generator).tolist()
+                               generator=generator, shift=cfg.objective.mdlm_shift).tolist()
         if tok.eos_id in answer:
             answer = answer[:answer.index(tok.eos_id)]
         print(f"{s['image']}: {tok.decode(answer)!r}  (reference: {s['caption']!r})")

@@ -329,6 +329,12 @@ class Objective:
     mdlm_antithetic: bool = False
     """mdlm: draw the t of a microbatch's documents evenly spread over (mdlm_eps, 1) (one uniform
     offset, stratified), which lowers the variance of the loss."""
+    mdlm_shift: bool = False
+    """mdlm: predict each masked token from the hidden state of the position before it (token i
+    from position i - 1), as an autoregressive model does, instead of from its own position. This
+    is how Dream and Tiny-A2D turn an autoregressive checkpoint (e.g. an HF Qwen3) into a masked
+    diffusion model by fine-tuning: the output head keeps its meaning. The sampler reads the same
+    positions."""
     mask_token: str = "<|mask|>"
     """mdlm: the tokenizer's mask token; when the tokenizer lacks it, it is added after the last
     id and the embedding (and output head) grow to hold it."""

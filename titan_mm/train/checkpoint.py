@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from titan_mm.config import Checkpoint as CheckpointConfig
 from titan_mm.config import ConfigError
@@ -99,6 +100,11 @@ class OptimizerState(Stateful):
                         state = opt.state.get(p, {})
                         if "step" in state:
                             state["step"] = state["step"].to(p.device, torch.float32)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (every rank joins), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 _IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
@@ -308,13 +314,40 @@ class CheckpointManager:
     def load_initial_weights(self):
         """initial_load_path (DCP, model only) or initial_load_hf_path (HF folder), if set."""
         if self.cfg.initial_load_path:
-            dcp.load({"model": ModelState(self.model_parts)}, checkpoint_id=self.cfg.initial_load_path,
-                     process_group=self.group)
+            self.load_initial_dcp(self.cfg.initial_load_path)
             logger.info("loaded initial weights from %s", self.cfg.initial_load_path)
         elif self.cfg.initial_load_hf_path:
             (model,) = self.model_parts  # pipeline parallelism refuses HF loading up front
             load_hf_weights(model, self.hf_adapter, self.cfg.initial_load_hf_path)
             logger.info("loaded initial weights from HF folder %s", self.cfg.initial_load_hf_path)
+
+    def load_initial_dcp(self, path: str):
+        """Model weights from a DCP folder. A tensor stored with fewer rows than the model's (a
+        vocabulary that an objective grew, e.g. MDLM's mask token added to an autoregressive
+        checkpoint's embedding and output head) fills the model's first rows; the new rows keep
+        their initialisation. Any other shape difference fails as DCP does."""
+        model = ModelState(self.model_parts)
+        state = model.state_dict()
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        grown = {}
+        for name, tensor in state.items():
+            size = getattr(stored.get(f"model.{name}"), "size", None)
+            if size is not None and len(size) == tensor.dim() and size[0] < tensor.shape[0] \
+                    and tuple(size[1:]) == tuple(tensor.shape[1:]):
+                grown[name] = torch.empty(tuple(size), dtype=tensor.dtype)
+        dcp.load({"model": {**state, **grown}}, checkpoint_id=path, process_group=self.group)
+        if not grown:
+            model.load_state_dict(state)
+            return
+        full = {}
+        for name, rows in grown.items():
+            logger.warning("%s: %d rows in %s, %d in the model; the new rows keep their initialisation",
+                           name, rows.shape[0], path, state[name].shape[0])
+            full[name] = _full(state.pop(name)).to("cpu", copy=True)
+            full[name][:rows.shape[0]] = rows
+        for part in self.model_parts:
+            set_model_state_dict(part, state, options=StateDictOptions(strict=False))
+            set_model_state_dict(part, full, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def close(self):
         """Finish the save in flight, if any (on every exit path: the newest checkpoint is committed)."""
