@@ -92,7 +92,7 @@ def compare(out, hidden_BLD, extra_tokens: int = 0):
 SIZES = [(32, 32), (56, 40), (24, 24), (16, 64), (48, 48)]
 
 
-@pytest.mark.parametrize("select_layer", [-1, -2])
+@pytest.mark.parametrize("select_layer", [-1, -2, 1])
 def test_clip_matches_clip_vision_model(tmp_path, select_layer):
     """Patch grid and class token of hidden_states[select_layer] equal CLIPVisionModel's at the
     native 32 x 32 and, with interpolate_pos_encoding on both sides, at 4 other sizes (enlarged,
@@ -101,7 +101,7 @@ def test_clip_matches_clip_vision_model(tmp_path, select_layer):
     hf.save_pretrained(tmp_path)
     ours = ours_from_hf_folder(CLIPVisionEncoder, CLIPVisionAdapter(select_layer, interpolate_pos_encoding=True),
                                tmp_path)
-    assert len(ours.layers) == (3 if select_layer == -1 else 2)
+    assert len(ours.layers) == {-1: 3, -2: 2, 1: 1}[select_layer]
     for height, width in SIZES:
         x = images(height, width)
         with torch.no_grad():
@@ -116,18 +116,18 @@ def test_clip_matches_clip_vision_model(tmp_path, select_layer):
 def test_dinov2_matches_hf(tmp_path, variant):
     """Patch grid and class token equal last_hidden_state of Dinov2Model (GELU or SwiGLU MLP) or
     Dinov2WithRegistersModel (3 registers, antialiased position resize) at 5 image sizes (the
-    native 32 x 32, enlarged, shrunk, 1:4), and with select_layer=-2 the final LayerNorm of
-    hidden_states[-2]: max abs diff <= 1e-4."""
+    native 32 x 32, enlarged, shrunk, 1:4), and with select_layer=-2 / 1 the final LayerNorm of
+    hidden_states[-2] / [1]: max abs diff <= 1e-4."""
     hf = hf_dinov2(variant)
     hf.save_pretrained(tmp_path)
     registers = 3 if variant == "registers" else 0
-    for select_layer in (-1, -2):
+    for select_layer in (-1, -2, 1):
         ours = ours_from_hf_folder(Dinov2Encoder, Dinov2Adapter(select_layer), tmp_path)
         for height, width in SIZES:
             x = images(height, width)
             with torch.no_grad():
                 out = hf(pixel_values=x, output_hidden_states=True)
-                ref = out.last_hidden_state if select_layer == -1 else hf.layernorm(out.hidden_states[-2])
+                ref = out.last_hidden_state if select_layer == -1 else hf.layernorm(out.hidden_states[select_layer])
                 diff = compare(ours(x), ref, extra_tokens=registers)
             print(f"{variant} select_layer={select_layer} {height}x{width}: max abs diff {diff:.2e}")
             assert diff <= TOL
