@@ -100,7 +100,8 @@ class EncoderKind:
     hf_fused_key_map: Callable[[str, str], list] = lambda hf_prefix, ours_prefix: []
 
 
-def _check_clip_size(args, image_size: int) -> CLIPVisionEncoder:
+def build_clip(args, image_size: int) -> CLIPVisionEncoder:
+    """CLIP reads images of its position table's size unless told to resize the table."""
     if image_size != args.image_size and not args.interpolate_pos_encoding:
         raise ValueError(f"a CLIP encoder reads {args.image_size} px images; set EncoderArgs.image_size to it "
                          f"(or interpolate_pos_encoding in its args)")
@@ -115,7 +116,7 @@ ENCODERS: dict[str, EncoderKind] = {
         # Siglip2VisionModel's names (its vision_model.)
         hf_key_map=lambda hf, ours: vision_key_map(hf + "vision_model.", ours)),
     "clip": EncoderKind(
-        build=_check_clip_size, feature_dim=lambda a: a.dim,
+        build=build_clip, feature_dim=lambda a: a.dim,
         flops_per_image=lambda a, size: a.flops_per_image(size, size), apply_tp=apply_tp_clip,
         tensor_parallel_sizes=clip_tensor_parallel_sizes,
         hf_key_map=lambda hf, ours: clip_key_map(hf + "vision_model.", ours)),
