@@ -348,3 +348,13 @@ def test_full_activation_checkpointing_gives_the_losses_of_no_checkpointing(tmp_
     assert wrapped == blocks, (wrapped, blocks)
     print(f"cambrian full AC vs none, max relative loss difference over 3 steps: {rel:.1e}")
     assert rel <= 1e-6, (full, none)
+
+
+def test_slots_that_cannot_hold_whole_images_are_a_config_error(tmp_path):
+    """Every image is 4 x (4 + 1) rows: slots of 30 rows would cut one, and say so before any compute."""
+    from conftest import make_config
+    from titan_mm.config import ConfigError
+    from titan_mm.data.dataloader import check_image_budget
+    cfg = make_config(tmp_path, *CAMBRIAN, "--data.patches_per_slot", "30")
+    with pytest.raises(ConfigError, match="patches_per_slot=30 must be a multiple of the 20 image tokens"):
+        check_image_budget(cfg.data, ARGS.vision_input)
