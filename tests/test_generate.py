@@ -242,6 +242,17 @@ def test_stream_yields_one_token_per_step_and_none_after_a_row_stops(qwen3, medi
         qwen3, docs[1:], dataclasses.replace(GREEDY, stop_token_ids=(stop,)))[0]
 
 
+def test_streams_that_share_the_model_interleaved_step_by_step_give_their_own_tokens(qwen3, media_root):
+    docs = [text_prompt(qwen3, p, str(media_root)) for p in prompts("qwen3_vl").values()]
+    alone = [generate(qwen3, [d], GREEDY)[0] for d in docs]
+    streams = [generate_stream(qwen3, [d], GREEDY) for d in docs]
+    interleaved = [[], []]
+    for steps in zip(*streams):
+        for out, step in zip(interleaved, steps):
+            out.append(step[0])
+    assert interleaved == alone
+
+
 def test_sampling_top_k_1_and_tiny_top_p_are_greedy_and_seeds_reproduce(qwen3, media_root):
     doc = text_prompt(qwen3, prompts("qwen3_vl")["short"], str(media_root))
     greedy = generate(qwen3, [doc], GREEDY)[0]

@@ -71,32 +71,38 @@ def generate_stream(im: InferenceModel, prompts: list[Document], sampling: Sampl
     document_ids_B1 = torch.zeros(B, 1, dtype=torch.long, device=im.device)
     outputs: list[list[int]] = [[] for _ in range(B)]
     running = [True] * B
-    with cache.attached(decoder):
-        h_BSD = model(**batch)
-        cache.advance(S)
-        for step in range(sampling.max_new_tokens):
-            token_B = next_tokens(decoder.logits(h_BSD[:, -1]), sampling, generator)
-            emitted = [None] * B
-            for b, token in enumerate(token_B.tolist()):
-                if not running[b]:
-                    continue
-                if token in stop_ids:
-                    running[b] = False
-                    continue
-                outputs[b].append(token)
-                emitted[b] = token
-                if sampling.stop_strings and _ends_in_stop_string(tok, outputs[b], sampling.stop_strings):
-                    running[b] = False
-            yield emitted
-            if not any(running) or step == sampling.max_new_tokens - 1:
-                return
-            # rows that stopped keep feeding padding, which no running row attends to
-            ids_B1 = torch.where(torch.tensor(running, device=im.device), token_B, tok.pad_id)[:, None]
-            position_B1 = (next_position_B + step)[:, None]
-            if position_dims == 3:
-                position_B1 = position_B1[:, None].expand(B, 3, 1)
-            h_BSD = decoder(ids_B1, position_B1, document_ids_B1)
-            cache.advance(1)
+
+    def last_logits(fn, *args, **kwargs) -> torch.Tensor:
+        # the cache is attached for one forward at a time, under the model's lock: streams that
+        # share the model (a server's requests, in threads or interleaved) take turns step by step
+        with im.lock, cache.attached(decoder):
+            h_BSD = fn(*args, **kwargs)
+        cache.advance(h_BSD.shape[1])
+        return decoder.logits(h_BSD[:, -1])
+
+    logits_BV = last_logits(model, **batch)
+    for step in range(sampling.max_new_tokens):
+        token_B = next_tokens(logits_BV, sampling, generator)
+        emitted = [None] * B
+        for b, token in enumerate(token_B.tolist()):
+            if not running[b]:
+                continue
+            if token in stop_ids:
+                running[b] = False
+                continue
+            outputs[b].append(token)
+            emitted[b] = token
+            if sampling.stop_strings and _ends_in_stop_string(tok, outputs[b], sampling.stop_strings):
+                running[b] = False
+        yield emitted
+        if not any(running) or step == sampling.max_new_tokens - 1:
+            return
+        # rows that stopped keep feeding padding, which no running row attends to
+        ids_B1 = torch.where(torch.tensor(running, device=im.device), token_B, tok.pad_id)[:, None]
+        position_B1 = (next_position_B + step)[:, None]
+        if position_dims == 3:
+            position_B1 = position_B1[:, None].expand(B, 3, 1)
+        logits_BV = last_logits(decoder, ids_B1, position_B1, document_ids_B1)
 
 
 def generate(im: InferenceModel, prompts: list[Document], sampling: Sampling) -> list[list[int]]:
