@@ -19,6 +19,7 @@ ways after a near tie; fp32 tests show them equal, tests/test_generate.py).
 
 import argparse
 import dataclasses
+import inspect
 import io
 import json
 import os
@@ -81,12 +82,15 @@ def prompt_document(im: InferenceModel, image_size: int):
     return text_prompt(im, [{"type": "image", "image": png.getvalue()}, {"type": "text", "text": PROMPT}])
 
 
-def hf_inputs(doc, batch: int, image_id: int, device: str) -> dict:
+def hf_inputs(hf, doc, batch: int, image_id: int, device: str) -> dict:
     ids = torch.tensor([doc.tokens] * batch)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "mm_token_type_ids": (ids == image_id).long().to(device),
-            "pixel_values": torch.cat([m.patches for m in doc.images] * batch).to(device),
-            "image_grid_thw": torch.tensor([m.grid for m in doc.images] * batch).to(device)}
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+              "pixel_values": torch.cat([m.patches for m in doc.images] * batch).to(device),
+              "image_grid_thw": torch.tensor([m.grid for m in doc.images] * batch).to(device)}
+    # transformers >= 5.2x places M-RoPE by token type; earlier releases find the image tokens by id
+    if "mm_token_type_ids" in inspect.signature(hf.model.forward).parameters:
+        inputs["mm_token_type_ids"] = (ids == image_id).long().to(device)
+    return inputs
 
 
 def timed(fn, device: str) -> tuple[float, object]:
@@ -127,7 +131,7 @@ def main(argv: list[str]) -> int:
         return generate(im, [doc] * batch, Sampling(max_new_tokens=n, stop_token_ids=()))
 
     def theirs(batch: int, n: int):
-        inputs = hf_inputs(doc, batch, tok.image_id, opts.device)
+        inputs = hf_inputs(hf, doc, batch, tok.image_id, opts.device)
         with torch.no_grad():
             out = hf.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
                               pad_token_id=tok.pad_id)
