@@ -7,7 +7,8 @@ A random-init Qwen3-VL of ``--flavor``'s shape (transformers' Qwen3VLForConditio
 the config our adapter writes; its weights copied into our model through the adapter), in bf16 on
 cuda or fp32 on cpu. Each prompt is one image (``--image_size`` px square, random pixels) and a
 line of text, written in the bundled tokenizer's ids; a batch repeats it. For each batch size both
-generate exactly ``--new_tokens`` tokens (no stop token), after one warm-up run, and each is timed
+generate exactly ``--new_tokens`` tokens (no stop token), after one warm-up run (on cuda titan_mm
+also with its decode step replayed as a CUDA graph), and each is timed
 twice: the whole generation and the prefill alone (one new token), so
 
     decode tokens/s = batch x (new_tokens - 1) / (time(new_tokens) - time(1))
@@ -127,8 +128,11 @@ def main(argv: list[str]) -> int:
     print(f"qwen3_vl/{opts.flavor}: {n_params / 1e6:.1f}M parameters, {opts.device} {dtype}, prompt of "
           f"{len(doc.tokens)} tokens ({doc.images[0].patches.shape[0]} patches), {opts.new_tokens} new tokens")
 
-    def ours(batch: int, n: int):
-        return generate(im, [doc] * batch, Sampling(max_new_tokens=n, stop_token_ids=()))
+    def ours(batch: int, n: int, cuda_graph: bool = False):
+        return generate(im, [doc] * batch, Sampling(max_new_tokens=n, stop_token_ids=()), cuda_graph=cuda_graph)
+
+    def ours_graphed(batch: int, n: int):
+        return ours(batch, n, cuda_graph=True)
 
     def theirs(batch: int, n: int):
         inputs = hf_inputs(hf, doc, batch, tok.image_id, opts.device)
@@ -139,7 +143,10 @@ def main(argv: list[str]) -> int:
 
     rows, first_tokens = [], {}
     for batch in [int(b) for b in opts.batch_sizes.split(",")]:
-        for name, fn in (("titan_mm", ours), ("transformers", theirs)):
+        impls = [("titan_mm", ours), ("transformers", theirs)]
+        if opts.device.startswith("cuda"):
+            impls.insert(1, ("titan_mm + CUDA graph", ours_graphed))
+        for name, fn in impls:
             fn(batch, 4)  # warm-up: kernels, allocator
             total, tokens = timed(lambda: fn(batch, opts.new_tokens), opts.device)
             prefill, _ = timed(lambda: fn(batch, 1), opts.device)
@@ -149,16 +156,20 @@ def main(argv: list[str]) -> int:
                          "end_to_end_tokens_per_s": batch * opts.new_tokens / total})
             if batch == 1:
                 first_tokens[name] = tokens[0]
-    agree = next((i for i, (a, b) in enumerate(zip(*first_tokens.values())) if a != b), opts.new_tokens)
+    agree = next((i for i, (a, b) in enumerate(zip(first_tokens["titan_mm"], first_tokens["transformers"]))
+                  if a != b), opts.new_tokens)
+    graph_equal = first_tokens.get("titan_mm + CUDA graph", first_tokens["titan_mm"]) == first_tokens["titan_mm"]
     print("| impl | batch | prefill s | total s | decode tokens/s | end-to-end tokens/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['impl']} | {r['batch']} | {r['prefill_s']:.3f} | {r['total_s']:.2f} | "
               f"{r['decode_tokens_per_s']:.1f} | {r['end_to_end_tokens_per_s']:.1f} |")
-    print(f"batch 1: the first {agree} of {opts.new_tokens} greedy tokens agree")
+    print(f"batch 1: the first {agree} of {opts.new_tokens} greedy tokens agree with transformers; "
+          f"CUDA graph tokens {'equal' if graph_equal else 'DIFFER FROM'} eager ones")
     result = {"flavor": opts.flavor, "device": torch.cuda.get_device_name() if opts.device.startswith("cuda")
               else "cpu", "dtype": str(dtype), "torch": torch.__version__, "prompt_tokens": len(doc.tokens),
-              "rows": rows, "batch1_tokens_agree": agree}
+              "rows": rows, "batch1_tokens_agree": agree,
+              "cuda_graph_tokens_equal_eager": graph_equal}
     os.makedirs(opts.out, exist_ok=True)
     path = os.path.join(opts.out, f"bench_generate_{opts.flavor}_{opts.device.split(':')[0]}.json")
     with open(path, "w") as f:

@@ -275,6 +275,16 @@ def test_chat_prompt_is_the_training_document_cut_where_the_answer_starts(qwen3,
     assert qwen3.stop_token_ids() == (qwen3.tokenizer.eos_id,)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_gives_the_eager_tokens(qwen3, media_root):
+    qwen3.model.cuda()
+    try:
+        docs = [text_prompt(qwen3, p, str(media_root)) for p in prompts("qwen3_vl").values()]
+        assert generate(qwen3, docs, GREEDY, cuda_graph=True) == generate(qwen3, docs, GREEDY)
+    finally:
+        qwen3.model.cpu()
+
+
 def test_cache_is_attached_only_inside_its_block(qwen3):
     decoder = qwen3.model.decoder
     before = decoder.build_mask, [layer.attention.attend for layer in decoder.layers.values()]

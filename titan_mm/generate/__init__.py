@@ -15,6 +15,7 @@ The API (stable; scripts/generate.py, the evaluation harness and the server call
         {"type": "text", "text": "What is in the picture?"}]}], media_root=".")
     #   or text_prompt(im, "a plain continuation", media_root) / text_prompt(im, [parts...])
     ids = generate(im, [prompt, other_prompt], Sampling(max_new_tokens=64))  # list[list[int]]
+    #   generate(..., cuda_graph=True) replays the decode step as a CUDA graph
     text = completion_text(im.tokenizer, ids[0], sampling.stop_strings)
     for step_tokens in generate_stream(im, [prompt], sampling):   # one list per decode step:
         token = step_tokens[0]                                     # an id, or None once stopped
