@@ -10,6 +10,7 @@ from conftest import train_losses
 from test_parallel import FSDP2_TP2, TP2, assert_layout_matches_single_process
 from titan_mm.config import ConfigError, Optimizer
 from titan_mm.models import get_model_spec
+from titan_mm.objectives.base import normalise_targets
 from titan_mm.train.muon import orthogonalise, update_scale
 from titan_mm.train.optimizer import build_optimizer
 from titan_mm.train.param_groups import describe_parameters
@@ -98,9 +99,8 @@ def test_frozen_modules_keep_their_weights_and_take_no_memory(tiny_cfg):
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
         # gradients of one more microbatch, as they are at the optimizer step
-        mb = next(iter(trainer.dataloader))
-        targets = mb["targets"].float() / mb["loss_tokens"].sum()
-        trainer.forward_backward(mb, targets)
+        mb = trainer.prepare_batch(next(iter(trainer.dataloader)))
+        trainer.forward_backward(mb, normalise_targets(mb["targets"], mb["loss_tokens"].sum().float()))
         return trainer, before, training_state_bytes(trainer.model_parts, trainer.optimizers)
 
     full, _, full_bytes = trained()
@@ -120,11 +120,33 @@ def test_frozen_modules_keep_their_weights_and_take_no_memory(tiny_cfg):
 
 def test_muon_resume_gives_identical_losses(tiny_cfg):
     """Muon's state (momentum buffers, the AdamW moments of the rest) goes through a checkpoint:
-    6 steps with a save at 3, then a resume from step 3 gives steps 4-6 bitwise."""
-    first = train_losses(tiny_cfg(*MUON_FP32, "--training.steps", "6", "--checkpoint.interval", "3"))
-    resumed = train_losses(tiny_cfg(*MUON_FP32, "--training.steps", "6", "--checkpoint.interval", "3",
-                                    "--checkpoint.load_step", "3"))
-    assert resumed == first[3:], list(zip(resumed, first[3:]))
+    4 steps with a save at 2, then a resume from step 2 gives steps 3-4 bitwise."""
+    first = train_losses(tiny_cfg(*MUON_FP32, "--training.steps", "4", "--checkpoint.interval", "2"))
+    resumed = train_losses(tiny_cfg(*MUON_FP32, "--training.steps", "4", "--checkpoint.interval", "2",
+                                    "--checkpoint.load_step", "2"))
+    assert resumed == first[2:], list(zip(resumed, first[2:]))
+
+
+def test_muon_flagged_step_changes_nothing():
+    """A non-finite step (found_inf = 1, train/nonfinite.py) leaves parameters, momentum buffers
+    and AdamW moments bit-identical, NaN gradients and all."""
+    model, policy = meta_model("llama")
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    opt = build_optimizer(Optimizer(name="muon", muon_ns_dtype="fp32"), model, torch.device("cpu"), policy=policy)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = ({n: p.clone() for n, p in model.named_parameters()},
+              [{k: v.clone() for k, v in s.items()} for s in opt.state.values()])
+    opt.found_inf = torch.ones(())
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert all(torch.equal(p, before[0][n]) for n, p in model.named_parameters())
+    assert all(torch.equal(v, s0[k]) for s, s0 in zip(opt.state.values(), before[1]) for k, v in s.items())
+    assert any(g["use_muon"] for g in opt.param_groups) and any(not g["use_muon"] for g in opt.param_groups)
 
 
 @pytest.mark.parametrize("nproc,dp_world,layout", [
