@@ -158,3 +158,18 @@ def test_muon_layout_matches_single_process(tmp_path, nproc, dp_world, layout):
     """Muon orthogonalises whole matrices under FSDP(2), TP(2) and FSDP(2) x TP(2) (the
     _StridedShard layout): 5 steps' losses within 1e-5 relative of one process (fp32 Newton-Schulz)."""
     assert_layout_matches_single_process(tmp_path, nproc, dp_world, MUON_FP32, layout)
+
+
+def test_lr_multipliers_parse_from_toml_and_command_line(tmp_path):
+    from titan_mm.config import load_toml, parse_args, to_toml, JobConfig
+    cfg, _ = parse_args(["--optimizer.lr_multipliers", "vision=0.1,projector=2", "--training.freeze", "decoder"])
+    assert cfg.optimizer.lr_multipliers == {"vision": 0.1, "projector": 2.0}
+    assert cfg.training.freeze == ["decoder"]
+    (tmp_path / "merged.toml").write_text(to_toml(cfg))  # {vision = 0.1, projector = 2.0}
+    again = JobConfig()
+    load_toml(again, str(tmp_path / "merged.toml"))
+    assert again == cfg
+    with pytest.raises(ConfigError, match="optimizer.lr_multipliers expects name=value pairs"):
+        parse_args(["--optimizer.lr_multipliers", "vision"])
+    with pytest.raises(ConfigError, match=r"optimizer.lr_multipliers = \{'vision': -1.0\} must be > 0"):
+        parse_args(["--optimizer.lr_multipliers", "vision=-1"])
