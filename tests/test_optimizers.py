@@ -173,3 +173,15 @@ def test_lr_multipliers_parse_from_toml_and_command_line(tmp_path):
         parse_args(["--optimizer.lr_multipliers", "vision"])
     with pytest.raises(ConfigError, match=r"optimizer.lr_multipliers = \{'vision': -1.0\} must be > 0"):
         parse_args(["--optimizer.lr_multipliers", "vision=-1"])
+
+
+def test_staged_recipe_configs_chain():
+    """Stage 1 trains the projector alone and exports its last weights where stage 2 starts from;
+    stage 2 trains every module, the vision encoder at a lower learning rate."""
+    from titan_mm.config import parse_args
+    stage1, _ = parse_args(["--job.config_file", "train_configs/qwen3_vl_2b_stage1_align.toml"])
+    stage2, _ = parse_args(["--job.config_file", "train_configs/qwen3_vl_2b_stage2_finetune.toml"])
+    assert sorted(stage1.training.freeze) == ["decoder", "vision"] and stage1.checkpoint.export_model_only
+    assert stage2.checkpoint.initial_load_path == (
+        f"{stage1.job.dump_folder}/{stage1.checkpoint.folder}/model-step-{stage1.training.steps}")
+    assert stage2.training.freeze == [] and stage2.optimizer.lr_multipliers["vision"] < 1
