@@ -100,7 +100,8 @@ def main(argv: list[str]) -> int:
     print("| optimizer | step median (ms) | min (ms) | max (ms) | state (GiB) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['max_ms']:.1f} | {r['state_gib']:.2f} |")
+        print(f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['max_ms']:.1f} | "
+              f"{r['state_gib']:.2f} |")
     result = dict(family=opts.family, flavor=opts.flavor, device=device_name, torch=torch.__version__,
                   param_dtype=opts.param_dtype, parameters=total, muon_parameters=muon_params,
                   warmup=opts.warmup, steps=opts.steps, rows=rows)

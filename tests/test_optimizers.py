@@ -87,12 +87,20 @@ def test_unknown_module_group_is_a_config_error(tiny_cfg):
         train_losses(tiny_cfg("--training.freeze", "encoder"))
 
 
+def training_state_bytes(model_parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict:
+    """Bytes this process holds for parameters, gradients and optimizer state."""
+    params = [p for part in model_parts for p in part.parameters()]
+    state = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {"parameters": sum(p.nbytes for p in params),
+            "gradients": sum(p.grad.nbytes for p in params if p.grad is not None),
+            "optimizer_state": sum(v.nbytes for v in state)}
+
+
 def test_frozen_modules_keep_their_weights_and_take_no_memory(tiny_cfg):
     """Frozen vision + projector: after 3 steps their weights are bit-identical, they have no
     gradients and no optimizer state; the bytes of parameters + gradients + optimizer state shrink
     by 12 bytes per frozen parameter (fp32 gradient and two AdamW moments)."""
     import train
-    from titan_mm.train.param_groups import training_state_bytes
 
     def trained(*overrides):
         trainer = train.Trainer(tiny_cfg("--training.steps", "3", "--checkpoint.enable", "false", *overrides))

@@ -10,7 +10,6 @@ parameters, and the optimizer never sees them.
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from titan_mm.config import ConfigError
@@ -77,14 +76,3 @@ def freeze_module_groups(model: nn.Module, groups: list[str], policy: ParamPolic
             frozen += param.numel()
     return frozen
 
-
-def training_state_bytes(model_parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict:
-    """Bytes this rank holds for parameters, gradients and optimizer state (local shards)."""
-    def local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if hasattr(t, "to_local") else t
-
-    params = [p for part in model_parts for p in part.parameters()]
-    state = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    return {"parameters": sum(local(p).nbytes for p in params),
-            "gradients": sum(local(p.grad).nbytes for p in params if p.grad is not None),
-            "optimizer_state": sum(local(v).nbytes for v in state)}
