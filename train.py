@@ -22,9 +22,12 @@ from titan_mm.data.dataloader import build_dataloader, data_states
 from titan_mm.data.documents import DataError
 from titan_mm.data.plan import log_expected_padding
 from titan_mm.data.tokenizer import Tokenizer
+from titan_mm.eval.harness import TrainingEvaluation
 from titan_mm.hf.convert import args_for_hf_folder
+from titan_mm.hf.export import InferenceFiles
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.models.attention import resolve_backend
+from titan_mm.models.lora import apply_lora, init_adapters, is_adapter_key
 from titan_mm.objectives import args_for_objective, build_objective
 from titan_mm.objectives.base import normalise_targets
 from titan_mm.parallel.common import group_by_mesh
@@ -113,6 +116,10 @@ class Trainer:
         self.model_args = with_attention_backend(self.model_args, backend)
         self.model_inputs = tuple(k for k in MODEL_INPUTS if backend == "varlen" or k not in LENGTHS)
         check_cuda_graph(cfg, self.device, self.world_size, backend)
+        if cfg.eval.interval and self.parallel_dims.ranks_per_batch > 1:
+            raise ConfigError("eval.interval evaluates the whole model on each data-parallel rank, which tensor, "
+                              "context, Ulysses and pipeline parallelism split; set eval.interval = 0 and "
+                              "evaluate the checkpoints with scripts/evaluate.py")
         mesh = self.parallel_dims.build_mesh(self.device.type)
         self.dp_rank = dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         # ranks that see different tokens: the loss and its token count are summed over them
@@ -141,8 +148,13 @@ class Trainer:
             model = spec.model_cls(self.model_args)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("model %s/%s: %.2fM parameters", spec.name, cfg.model.flavor, n_params / 1e6)
+        if cfg.lora.enabled:
+            adapted = apply_lora(model, cfg.lora)
+            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            logger.info("LoRA rank %d on %d Linear layers: %.3fM trainable parameters, the rest frozen",
+                        cfg.lora.rank, len(adapted), n_trainable / 1e6)
         if cfg.training.freeze:
-            # before sharding: FSDP2 then allocates no gradients for them
+            # before sharding: FSDP2 then allocates no gradients for them (LoRA adapters included)
             frozen = freeze_module_groups(model, cfg.training.freeze, spec.param_policy)
             logger.info("frozen %s: %.2fM parameters", cfg.training.freeze, frozen / 1e6)
 
@@ -179,7 +191,11 @@ class Trainer:
             cfg.checkpoint, cfg.job.dump_folder, model_parts=self.model_parts, optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers, data_states=self.batches.checkpoint_states(),
             train_state=self.train_state, rank=self.rank, dp_rank=dp_rank, job=self.job,
-            group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args)
+            group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args,
+            saved_model_keys=is_adapter_key if cfg.lora.enabled and cfg.lora.save_adapters_only else None,
+            peft_export_path=cfg.lora.export_peft_path,
+            inference_files=InferenceFiles(self.tokenizer, cfg.data.chat_format, cfg.data.min_pixels,
+                                           cfg.data.max_pixels))
         self.checkpointer.load(self.resume_step)
         self.batches_prepared = self.train_state.step * cfg.training.gradient_accumulation_steps
         """Microbatches prepared so far (for their seeds; the steps before a resume count too)."""
@@ -196,12 +212,16 @@ class Trainer:
                          if self.compute_dtype != torch.float32 and not self.parallel_dims.fsdp_enabled
                          else contextlib.nullcontext())
         self.step_graph = StepGraph(self.device_step) if cfg.compile.cuda_graph else None
+        self.evaluation = None if not cfg.eval.interval else TrainingEvaluation(
+            cfg, self.model, self.model_args, self.tokenizer, self.objective, dp_group=self.dp_group,
+            rank=self.rank, autocast=self.autocast)
 
     def materialise(self, model: torch.nn.Module) -> torch.nn.Module:
         """Allocate a parallelized meta model on the device and initialise it from the job seed."""
         model.to_empty(device=self.device)
         torch.manual_seed(self.cfg.job.seed)
         model.init_weights()
+        init_adapters(model)
         return model.train()
 
     def build_pipeline(self, model: torch.nn.Module, spec: ModelSpec, mesh) -> list[torch.nn.Module]:
@@ -253,7 +273,7 @@ class Trainer:
         last = step == self.cfg.training.steps
         preempted = self.preemption.requested()
         save = self.checkpointer.due(step, last) or (preempted and ckpt.enable)
-        if save or (last and ckpt.export_hf_path):
+        if save or (last and (ckpt.export_hf_path or self.cfg.lora.export_peft_path)):
             self.check_finite(step)
         if save:
             self.checkpointer.save(step, wait=last or preempted, last_step=last)
@@ -263,6 +283,10 @@ class Trainer:
             self.checkpointer.poll()
         if last and ckpt.export_hf_path:
             self.checkpointer.export_hf(ckpt.export_hf_path)
+        if last and self.cfg.lora.export_peft_path:
+            self.checkpointer.export_peft()
+        if self.evaluation is not None and self.evaluation.due(step, last) and not preempted:
+            self.evaluation.run(step, self.metrics.writer)
         if preempted:
             saved = f"saved checkpoint step-{step}" if ckpt.enable else "checkpoint.enable = false: nothing saved"
             logger.warning("preempted (%s) at step %d: %s; run the same command to resume",
@@ -404,8 +428,9 @@ class Trainer:
 
 def check_pipeline_job(cfg: JobConfig, spec: ModelSpec, model_args) -> list[range]:
     """Pipeline settings that cannot work fail before anything is built; returns each stage's layers."""
-    if cfg.checkpoint.initial_load_hf_path or cfg.checkpoint.export_hf_path:
-        raise ConfigError("checkpoint.initial_load_hf_path / export_hf_path need the whole model on each rank "
+    if cfg.checkpoint.initial_load_hf_path or cfg.checkpoint.export_hf_path or cfg.lora.export_peft_path:
+        raise ConfigError("checkpoint.initial_load_hf_path / export_hf_path / lora.export_peft_path need the whole "
+                          "model on each rank "
                           "and do not work with pipeline parallelism; convert with scripts/convert_hf_to_dcp.py "
                           "(then checkpoint.initial_load_path) or scripts/convert_dcp_to_hf.py instead")
     first_stage_layers = spec.pipeline_first_stage_layers(model_args) if spec.pipeline_first_stage_layers else 1

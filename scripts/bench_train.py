@@ -49,7 +49,7 @@ def bench_overrides(steps: int) -> list[str]:
     return ["--training.steps", str(steps), "--metrics.log_freq", str(steps),
             "--metrics.enable_tensorboard", "false", "--checkpoint.enable", "false",
             "--checkpoint.initial_load_path", "", "--checkpoint.initial_load_hf_path", "",
-            "--checkpoint.export_hf_path", ""]
+            "--checkpoint.export_hf_path", "", "--lora.export_peft_path", ""]
 
 
 def synchronize(device: torch.device):

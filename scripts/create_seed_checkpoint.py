@@ -14,6 +14,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from titan_mm.config import parse_args  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
+from titan_mm.models.lora import apply_lora, init_adapters  # noqa: E402
 from titan_mm.objectives import objective_setup  # noqa: E402
 from titan_mm.train.checkpoint import ModelState  # noqa: E402
 
@@ -23,9 +24,12 @@ def create_seed_checkpoint(cfg, out_dir: str):
     _, _, args = objective_setup(cfg)  # the trainer's model for this objective (MDLM may grow the vocabulary)
     with torch.device("meta"):
         model = spec.model_cls(args)
+        if cfg.lora.enabled:  # the adapters' initial values too, the same for every layout
+            apply_lora(model, cfg.lora)
     model.to_empty(device="cpu")
     torch.manual_seed(cfg.job.seed)
     model.init_weights()
+    init_adapters(model)
     dcp.save({"model": ModelState(model)}, checkpoint_id=out_dir)
 
 

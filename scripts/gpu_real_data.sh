@@ -9,7 +9,8 @@
 # Needs shared/bench/ (hf_vlm_baseline.py, hf_real_baseline.py) copied into the repository root;
 # torchdata, when not installed, is taken from a wheel in .whl/. Environment knobs: PYTHON (python3),
 # WARMUP (4) and STEPS (8) for bench_train, STAGES (all of: data hf_synthetic synthetic hf_real
-# captions chat qwen25; also captions_varlen, synthetic_varlen), CAPTIONS (600) and
+# captions chat qwen25; also captions_varlen, synthetic_varlen, and
+# captions_mdlm, chat_mdlm: the MDLM objective), CAPTIONS (600) and
 # CHATS (300) samples to generate, DATA (OUTDIR/data) where the generated data lives, PARAM_DTYPE
 # (bf16: parameters, gradients and AdamW state in bf16, as the synthetic bench and HF keep them;
 # fp32: the trainer's default master weights),
@@ -48,6 +49,8 @@ fi
 common=(--model.tokenizer_path assets/tokenizer --data.num_workers "${NUM_WORKERS:-auto}" --warmup "$WARMUP" --steps "$STEPS"
         --training.param_dtype "$PARAM_DTYPE")
 captions=(--data.dataset captions --data.path "$data/captions/captions.jsonl")
+# the MDLM objective (issue 13) on the same data: masked diffusion, attention bidirectional per document
+mdlm=(--objective.name mdlm --objective.mdlm_antithetic true)
 # captions (one image each, ~1,500 patches) pack tighter into 5 x 5120 than into the chat configs'
 # 6 x 4096 (plan_batch on the generated captions); the debug flavors keep their own
 [ "$smoke" = "--cpu-smoke" ] || captions+=(--data.image_slots_per_row 5 --data.patches_per_slot 5120)
@@ -83,6 +86,12 @@ has captions && run bench_train_qwen3_vl_captions "$PYTHON" scripts/bench_train.
 has captions_varlen && run bench_train_qwen3_vl_captions_varlen "$PYTHON" scripts/bench_train.py "${qwen3[@]}" \
     "${common[@]}" "${captions[@]}" --activation_checkpoint.mode none --model.attention_backend varlen \
     --name qwen3_vl_captions_varlen --out "$out/bench_train_qwen3_vl_captions_varlen.json"
+has captions_mdlm && run bench_train_qwen3_vl_captions_mdlm "$PYTHON" scripts/bench_train.py "${qwen3[@]}" \
+    "${common[@]}" "${captions[@]}" "${mdlm[@]}" --activation_checkpoint.mode none --name qwen3_vl_captions_mdlm \
+    --out "$out/bench_train_qwen3_vl_captions_mdlm.json"
+has chat_mdlm && run bench_train_qwen3_vl_chat_mdlm "$PYTHON" scripts/bench_train.py "${qwen3[@]}" "${common[@]}" \
+    "${chat[@]}" "${mdlm[@]}" --activation_checkpoint.mode none --name qwen3_vl_chat_mdlm \
+    --out "$out/bench_train_qwen3_vl_chat_mdlm.json"
 has chat && run bench_train_qwen3_vl_chat "$PYTHON" scripts/bench_train.py "${qwen3[@]}" "${common[@]}" \
     "${chat[@]}" --activation_checkpoint.mode none --name qwen3_vl_chat --out "$out/bench_train_qwen3_vl_chat.json"
 has qwen25 && run bench_train_qwen2_5_vl_chat_op "$PYTHON" scripts/bench_train.py "${qwen25[@]}" "${common[@]}" \

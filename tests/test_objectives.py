@@ -9,24 +9,28 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_config
-from test_parallel import assert_layout_matches_single_process
+from test_parallel import QWEN3_VL, assert_layout_matches_single_process
 from titan_mm.data.dataloader import build_dataloader
 from titan_mm.data.packing import IGNORE_INDEX
 from titan_mm.models.llama.model import DecoderArgs, TextArgs, TextModel
 from titan_mm.objectives.mdlm import trainable_tokens
+from titan_mm.objectives.mdlm_sampler import mdlm_generate
 
 MDLM = ["--objective.name", "mdlm"]
 SMALL = ["--training.seq_len", "256", "--data.image_slots_per_row", "10", "--checkpoint.enable", "false",
          "--metrics.enable_tensorboard", "false"]
 
 
-def test_mdlm_loss_of_a_fixed_batch_matches_the_formula(tmp_path):
+@pytest.mark.parametrize("shift", [False, True], ids=["own-position", "shifted"])
+def test_mdlm_loss_of_a_fixed_batch_matches_the_formula(tmp_path, shift):
     """The trainer's first-step loss (Qwen3-style text decoder, two accumulated microbatches)
     equals sum over masked tokens of CE / t divided by the trainable tokens of both, computed here
-    from full fp64 logits of the initial model: within 1e-6 relative."""
+    from full fp64 logits of the initial model: within 1e-6 relative. ``shifted``
+    (``mdlm_shift``): masked token i is predicted from position i - 1's logits."""
     import train
     cfg = make_config(tmp_path, "--job.config_file", "train_configs/llama_debug.toml", *SMALL, *MDLM,
-                      "--training.steps", "1", "--training.gradient_accumulation_steps", "2")
+                      "--training.steps", "1", "--training.gradient_accumulation_steps", "2",
+                      "--objective.mdlm_shift", str(shift).lower())
     trainer = train.Trainer(cfg)
     model = copy.deepcopy(trainer.model).double()
     loader = build_dataloader(cfg.data, trainer.tokenizer, trainer.model_args.vision_input, seq_len=256,
@@ -40,10 +44,14 @@ def test_mdlm_loss_of_a_fixed_batch_matches_the_formula(tmp_path):
     with torch.no_grad():
         for mb in batches:
             masked = mb["input_ids"] == mask_id
-            t = 1 / mb["targets"][:, 1]  # each masked token's document level
+            # the original token i is the loader's next-token label of position i - 1
+            original = F.pad(mb["labels"][:, :-1], (1, 0), value=IGNORE_INDEX)
             inputs = {k: mb[k] for k in ("input_ids", "position_ids", "document_ids")}
             logits = model.decoder.logits(model(**inputs))
-            original = mb["targets"][:, 0].long()
+            if shift:  # position i - 1 predicts token i; its weight sits there too
+                logits = F.pad(logits[:, :-1], (0, 0, 1, 0))
+            weights = F.pad(mb["targets"][:, 1, :-1], (1, 0)) if shift else mb["targets"][:, 1]
+            t = 1 / weights  # each masked token's document level
             ce = F.cross_entropy(logits[masked], original[masked], reduction="none")
             total += (ce / t[masked]).sum().item()
             trainable += int(trainable_tokens(mb["labels"]).sum())
@@ -116,10 +124,13 @@ UNTIED_2_ROWS = ["--model.flavor", "debug-untied", "--training.local_batch_size"
     (2, 1, [], ["--parallelism.ulysses_degree", "2"]),
     (2, 1, UNTIED_2_ROWS, ["--parallelism.pipeline_parallel_degree", "2"]),
     (2, 1, LLAMA, ["--parallelism.tensor_parallel_degree", "2"]),
-], ids=["fsdp2", "tp2", "cp2", "ulysses2", "pp2", "llama-tp2"])
+    (2, 1, QWEN3_VL, ["--parallelism.context_parallel_degree", "2"]),
+], ids=["fsdp2", "tp2", "cp2", "ulysses2", "pp2", "llama-tp2", "qwen3_vl-cp2"])
 def test_mdlm_parallel_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout):
     """MDLM on the debug VLM (LLaVA: SigLIP2 ViT + Qwen3-style decoder, mask token added to the
-    bundled tokenizer): the same masks in every layout, losses within 1e-5 relative over 5 steps."""
+    bundled tokenizer), the text decoder and Qwen3-VL (M-RoPE, DeepStack; context parallelism
+    splits each bidirectional document): the same masks in every layout, losses within 1e-5
+    relative over 5 steps."""
     assert_layout_matches_single_process(tmp_path, nproc, dp_world, [*MDLM, *model], layout)
 
 
@@ -147,7 +158,6 @@ def test_sampler_unmasks_block_by_block_one_share_per_step(remasking):
     """gen_length 8 in blocks of 4, 8 steps: one token a step, the second block stays all mask
     until the first is done, and every position ends with the model's prediction. With
     low_confidence the most confident masked position of the block goes first."""
-    from titan_mm.objectives.mdlm_sampler import mdlm_generate
     mask, vocab, start = 9, 10, 2
     target = torch.tensor([0, 1, 5, 6, 7, 8, 1, 2, 3, 4])
     confidence = torch.tensor([0.0, 0, 1, 4, 2, 3, 8, 5, 7, 6])
@@ -162,6 +172,18 @@ def test_sampler_unmasks_block_by_block_one_share_per_step(remasking):
     if remasking == "low_confidence":  # block 1's confidences 1, 4, 2, 3: position 1 first, then 3
         assert model.seen[1][start:start + 4].tolist() == [mask, 6, mask, mask]
         assert model.seen[2][start:start + 4].tolist() == [mask, 6, mask, 8]
+
+
+def test_shifted_sampler_reads_each_answer_token_from_the_position_before_it():
+    """``shift`` (a model trained with ``mdlm_shift``): the answer token at position p comes from
+    position p - 1's prediction, the last prompt token's predicting the first answer token."""
+    vocab, mask, start = 16, 15, 2
+    target = torch.tensor([3, 9, 4, 6, 11, 8, 2])  # position i "predicts" target[i]
+    model = LogitsModel(target, torch.arange(7.0), vocab)
+    ids = torch.cat([target[:start], torch.full((5,), mask)])[None]
+    out = mdlm_generate(model, {"input_ids": ids}, start, mask_id=mask, gen_length=4, steps=4, block_length=4,
+                        shift=True)
+    assert out.tolist() == target[start - 1:start + 3].tolist()
 
 
 def test_sampler_tokens_per_step_spread_the_remainder_first():
@@ -182,3 +204,31 @@ def test_mdlm_generate_script_writes_captions_without_mask_tokens(tmp_path, caps
         "--weights", weights, "--num", "2", "--gen_length", "8", "--steps", "4", "--block_length", "4"])
     out = capsys.readouterr().out
     assert out.count("reference:") == 2 and "<|mask|>" not in out, out
+
+
+def test_mdlm_starts_from_an_autoregressive_checkpoint_whose_vocabulary_lacks_the_mask(tmp_path):
+    """The Dream / Tiny-A2D start: a causal text-decoder checkpoint (512 rows, no mask token) loads
+    into the shifted MDLM model whose embedding grew to 576 rows. Its 512 rows are the checkpoint's,
+    the new rows keep the initialisation a run without the checkpoint has, and training goes on."""
+    import torch.distributed.checkpoint as dcp
+
+    import train
+    from test_parallel import seed_checkpoint
+    llama = ["--job.config_file", "train_configs/llama_debug.toml", *SMALL]
+    ar = seed_checkpoint(tmp_path, *llama, "--job.seed", "7")  # causal: another init than the run's
+    mdlm = [*llama, *MDLM, "--objective.mdlm_shift", "true", "--training.steps", "2"]
+    trainer = train.Trainer(make_config(tmp_path / "mdlm", *mdlm, "--checkpoint.enable", "true",
+                                        "--checkpoint.initial_load_path", ar))
+    fresh = train.Trainer(make_config(tmp_path / "fresh", *mdlm)).model.state_dict()
+    state = trainer.model.state_dict()
+    stored = {k: torch.empty(512, v.shape[1]) for k, v in state.items() if v.shape[0] == 576}
+    assert stored, "the MDLM model's vocabulary did not grow"
+    stored_norm = {"decoder.norm.weight": torch.empty_like(state["decoder.norm.weight"])}
+    dcp.load({"model": {**stored, **stored_norm}}, checkpoint_id=ar)
+    for name, rows in stored.items():
+        assert torch.equal(state[name][:512], rows), name
+        assert torch.equal(state[name][512:], fresh[name][512:]), name
+        assert not torch.equal(state[name][:512], fresh[name][:512]), name
+    assert torch.equal(state["decoder.norm.weight"], stored_norm["decoder.norm.weight"])
+    trainer.train()
+    assert all(torch.isfinite(loss) for loss in trainer.losses)

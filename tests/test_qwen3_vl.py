@@ -77,19 +77,22 @@ def hf_config(args: Qwen3VLArgs):
 
 def hf_reference(args: Qwen3VLArgs = TINY, seed: int = 0):
     torch.manual_seed(seed)
-    model = transformers.Qwen3VLForConditionalGeneration(hf_config(args)).eval()
-    # O(1) activations everywhere (HF's 0.02 init would shrink every branch towards zero and hide
-    # a wrong mapping below the tolerance); random norms and biases too
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif "embed_tokens" in name or "pos_embed" in name:
-                p.normal_(0.0, 0.5)
-            else:
-                p.normal_(0.0, (p.numel() / p.shape[0]) ** -0.5)
+    return order_one_init_(transformers.Qwen3VLForConditionalGeneration(hf_config(args)).eval())
+
+
+@torch.no_grad()
+def order_one_init_(model):
+    """O(1) activations everywhere (HF's 0.02 init would shrink every branch towards zero and hide
+    a wrong mapping below the tolerance); random norms and biases too."""
+    for name, p in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            p.normal_(1.0, 0.1)
+        elif name.endswith("bias"):
+            p.normal_(0.0, 0.1)
+        elif "embed_tokens" in name or "pos_embed" in name:
+            p.normal_(0.0, 0.5)
+        else:
+            p.normal_(0.0, (p.numel() / p.shape[0]) ** -0.5)
     return model
 
 

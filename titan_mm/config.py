@@ -348,9 +348,62 @@ class Objective:
     mdlm_antithetic: bool = False
     """mdlm: draw the t of a microbatch's documents evenly spread over (mdlm_eps, 1) (one uniform
     offset, stratified), which lowers the variance of the loss."""
+    mdlm_shift: bool = False
+    """mdlm: predict each masked token from the hidden state of the position before it (token i
+    from position i - 1), as an autoregressive model does, instead of from its own position. This
+    is how Dream and Tiny-A2D turn an autoregressive checkpoint (e.g. an HF Qwen3) into a masked
+    diffusion model by fine-tuning: the output head keeps its meaning. The sampler reads the same
+    positions."""
     mask_token: str = "<|mask|>"
     """mdlm: the tokenizer's mask token; when the tokenizer lacks it, it is added after the last
     id and the embedding (and output head) grow to hold it."""
+
+
+@dataclass
+class Lora:
+    enabled: bool = False
+    """Train low-rank adapters instead of the model (docs/lora.md): every Linear layer named by
+    target_modules gets y = x W^T + b + (alpha / rank) * B A dropout(x), with A kaiming-uniform and
+    B zero (the model starts as the base model); every other parameter is frozen."""
+    rank: int = 8
+    """Rank r of each adapter (A is r x in_features, B is out_features x r)."""
+    alpha: float = 16.0
+    """The adapter's output is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (the base layer sees the undropped input)."""
+    target_modules: list[str] = field(default_factory=lambda: ["decoder.layers.*.attention.w[qkvo]",
+                                                               "decoder.layers.*.feed_forward.w[123]"])
+    """fnmatch patterns on module names (``*`` also crosses dots): the Linear layers that get
+    adapters, e.g. "decoder.layers.*.attention.wq" or "vision.layers.*.attn.*". A pattern that
+    matches no Linear layer is an error."""
+    save_adapters_only: bool = False
+    """Training checkpoints hold only the adapters (and their optimizer state), not the frozen base
+    weights; a resume reads the base weights from checkpoint.initial_load_path /
+    initial_load_hf_path (or, without one, re-initialises them from job.seed) and the adapters
+    from the checkpoint."""
+    export_peft_path: str = ""
+    """At the last step, also write the adapters as a PEFT folder (adapter_config.json +
+    adapter_model.safetensors, HF module names) here, for PeftModel.from_pretrained on the HF base
+    model; empty = none. checkpoint.export_hf_path writes the adapters merged into the weights."""
+
+
+@dataclass
+class Eval:
+    tasks: list[str] = field(default_factory=list)
+    """Evaluation tasks as KIND:PATH (docs/evaluation.md), KIND one of loss, multiple_choice,
+    open_vqa; PATH a .jsonl or .parquet file, e.g.
+    multiple_choice:assets/eval_tasks/mc_shapes.jsonl."""
+    interval: int = 0
+    """During training: run eval.tasks every this many steps and at the last step, results in
+    TensorBoard (eval/TASK/METRIC) and dump_folder/eval/step-N.json; 0 = never."""
+    max_samples: int = 0
+    """Score the first this many samples of each task (0 = all)."""
+    max_new_tokens: int = 16
+    """Tokens generated at most per answer (greedy) for multiple_choice and open_vqa."""
+    batch_size: int = 8
+    """Prompts generated together."""
+    out: str = ""
+    """scripts/evaluate.py: write the results JSON here (default: dump_folder/eval/results.json)."""
 
 
 @dataclass
@@ -367,6 +420,8 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     objective: Objective = field(default_factory=Objective)
+    lora: Lora = field(default_factory=Lora)
+    eval: Eval = field(default_factory=Eval)
 
 
 # --- value checks that need more than a type ------------------------------------------------------
@@ -376,15 +431,16 @@ _POSITIVE = {
     "data.pack_open_bins", "data.shuffle_buffer", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
     "training.gradient_accumulation_steps", "training.nonfinite_max_consecutive", "optimizer.lr",
     "optimizer.lr_multipliers", "optimizer.muon_ns_steps",
-    "checkpoint.interval",
+    "checkpoint.interval", "eval.max_new_tokens", "eval.batch_size",
     "metrics.log_freq", "parallelism.tensor_parallel_degree", "parallelism.pipeline_parallel_degree",
-    "parallelism.pipeline_parallel_stages_per_rank",
+    "parallelism.pipeline_parallel_stages_per_rank", "lora.rank",
 }
 _NON_NEGATIVE = {
     "data.num_workers", "data.plan_samples", "training.max_norm", "optimizer.weight_decay", "optimizer.eps",
     "lr_scheduler.warmup_steps", "checkpoint.keep_latest_k", "metrics.peak_tflops",
+    "eval.interval", "eval.max_samples",
 }
-_UNIT_INTERVAL = {"lr_scheduler.decay_ratio", "lr_scheduler.min_lr_ratio", "optimizer.beta1",
+_UNIT_INTERVAL = {"lora.dropout", "lr_scheduler.decay_ratio", "lr_scheduler.min_lr_ratio", "optimizer.beta1",
                   "optimizer.beta2", "optimizer.muon_momentum"}
 
 
@@ -421,6 +477,10 @@ def _check_values(cfg: JobConfig) -> list[str]:
                       f"{cfg.data.max_pixels}; lower min_pixels or raise max_pixels")
     errors += _check_mixture(cfg.data)
     errors += _check_data_files(cfg.data)
+    if not cfg.lora.enabled and (cfg.lora.save_adapters_only or cfg.lora.export_peft_path):
+        errors.append("lora.save_adapters_only / lora.export_peft_path are set but lora.enabled = false; "
+                      "enable LoRA or unset them")
+    errors += _check_eval_tasks(cfg.eval)
     if cfg.checkpoint.initial_load_path and cfg.checkpoint.initial_load_hf_path:
         errors.append("checkpoint.initial_load_path and checkpoint.initial_load_hf_path are both set; "
                       "keep one")
@@ -472,6 +532,21 @@ def _check_data_files(data: Data) -> list[str]:
                     record_format(path, kind)
             except ConfigError as e:
                 errors.append(str(e))
+    return errors
+
+
+def _check_eval_tasks(cfg: Eval) -> list[str]:
+    """Every eval task is KIND:PATH of an existing .jsonl or .parquet file."""
+    from titan_mm.eval.tasks import parse_task
+
+    errors = []
+    for spec in cfg.tasks:
+        try:
+            parse_task(spec)
+        except ConfigError as e:
+            errors.append(str(e))
+    if cfg.interval and not cfg.tasks:
+        errors.append(f"eval.interval = {cfg.interval} but eval.tasks is empty; name the tasks to run")
     return errors
 
 
@@ -579,6 +654,21 @@ def _set(cfg: JobConfig, key: str, value, source: str) -> None:
         setattr(section, field_name, _convert(value, field_types[field_name], key))
     except ConfigError as e:
         raise ConfigError(f"{e} ({source})") from None
+
+
+def split_script_options(argv: list[str], defaults: dict[str, str | None]) -> tuple[dict, list[str]]:
+    """A script's own ``--option value`` pairs (the keys of ``defaults``) apart from the config
+    overrides that ``parse_args`` reads: (options with defaults filled in, the rest of ``argv``)."""
+    opts, rest, args = dict(defaults), [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in opts:
+            if not args:
+                raise ConfigError(f"{arg} needs a value")
+            opts[arg] = args.pop(0)
+        else:
+            rest.append(arg)
+    return opts, rest
 
 
 def parse_args(argv: list[str]) -> tuple[JobConfig, bool]:

@@ -92,19 +92,24 @@ class Media:
     the sample's ``images``."""
 
 
-def render_conversation(ref: str, messages, fmt: ChatFormat) -> list[Text | Media]:
+def render_conversation(ref: str, messages, fmt: ChatFormat,
+                        add_generation_prompt: bool = False) -> list[Text | Media]:
     """The conversation as ``fmt`` writes it: texts, assistant turns marked trained, and the media
-    between them. Raises SampleError for a conversation that cannot be trained on."""
-    check_messages(ref, messages)
+    between them. Raises SampleError for a conversation that cannot be trained on.
+    add_generation_prompt: a prompt to generate from (no assistant message needed), ending with the
+    opening of the assistant's turn, as chat templates' ``add_generation_prompt`` writes it."""
+    check_messages(ref, messages, need_answer=not add_generation_prompt)
     pieces = [Text(fmt.begin)]
     if fmt.default_system is not None and messages[0]["role"] != "system":
         pieces += _turn("system", [Text(fmt.default_system)], fmt)
     for message in messages:
         pieces += _turn(message["role"], content_pieces(ref, message), fmt)
+    if add_generation_prompt:
+        pieces.append(Text(fmt.turn_start.replace("{role}", "assistant")))
     return pieces
 
 
-def check_messages(ref: str, messages):
+def check_messages(ref: str, messages, need_answer: bool = True):
     if not isinstance(messages, list):
         raise SampleError("malformed", f"{ref}: needs a 'messages' list")
     if not messages:
@@ -115,7 +120,7 @@ def check_messages(ref: str, messages):
             raise SampleError("malformed", f"{ref}: message {i} has role {role!r}; roles are {list(ROLES)}")
         if role == "system" and i > 0:
             raise SampleError("malformed", f"{ref}: the system message must come first (it is message {i})")
-    if not any(message["role"] == "assistant" for message in messages):
+    if need_answer and not any(message["role"] == "assistant" for message in messages):
         raise SampleError("empty", f"{ref}: no assistant message to train on")
 
 
@@ -177,12 +182,14 @@ class ChatDocumentBuilder(DocumentBuilder):
                          video_max_frames=video_max_frames)
         self.format = get_chat_format(chat_format, tokenizer)
 
-    def chat(self, ref: str, messages, media_root: str, images: list | None = None) -> Document:
-        """``images``: the sample's image list, taken in order by bare ``{"type": "image"}`` parts."""
+    def chat(self, ref: str, messages, media_root: str, images: list | None = None,
+             add_generation_prompt: bool = False) -> Document:
+        """``images``: the sample's image list, taken in order by bare ``{"type": "image"}`` parts.
+        add_generation_prompt: a prompt for generation, ending where the assistant's answer starts."""
         doc = Document(ref=ref)
         texts: list[Text] = []
         unused = list(images or [])
-        for piece in render_conversation(ref, messages, self.format):
+        for piece in render_conversation(ref, messages, self.format, add_generation_prompt):
             if isinstance(piece, Text):
                 texts.append(piece)
                 continue

@@ -115,7 +115,21 @@ class DocumentBuilder:
         return chunks
 
     def interleaved(self, ref: str, content: list[dict], image_root: str) -> Document:
-        doc = self._start(ref)
+        doc = self._add_content(self._start(ref), content, image_root)
+        if not any(doc.targets):
+            raise SampleError("empty", f"{ref}: no text to train on")
+        return self._finish(doc)
+
+    def prompt(self, ref: str, content: list[dict], image_root: str) -> Document:
+        """A prompt to continue (generation): ``<bos>`` and the interleaved ``content`` (parts as
+        in ``interleaved``), with no ``<eos>``."""
+        doc = self._add_content(self._start(ref), content, image_root)
+        if self.positions_fn is not None:
+            doc.positions = self.positions_fn(doc)
+        return doc
+
+    def _add_content(self, doc: Document, content: list[dict], image_root: str) -> Document:
+        ref = doc.ref
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
@@ -130,9 +144,7 @@ class DocumentBuilder:
                 raise SampleError("malformed", f"{ref}: content part {part!r} is not text, image or "
                                                f"video (a video file, or a list of frame files and "
                                                f"their fps)")
-        if not any(doc.targets):
-            raise SampleError("empty", f"{ref}: no text to train on")
-        return self._finish(doc)
+        return doc
 
     def _start(self, ref: str) -> Document:
         bos = [self.tok.bos_id] if self.tok.bos_id is not None else []

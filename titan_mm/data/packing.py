@@ -205,6 +205,7 @@ class BestFitPacker(IterableDataset, Stateful):
         stats["documents"] += len(b.docs)
         stats["images"] += sum(len(doc.images) for doc in b.docs)  # and videos
         row["stats"] = dict(stats)
+        row["refs"] = list(b.refs)  # document i of the row (document id i): for per-sample scores
         row["skipped"] = (self.source.skipped + self.skipped)[-MAX_SKIPS_REPORTED:]
         self.source.skipped, self.skipped = [], []
         return row

@@ -37,6 +37,8 @@ class Tokenizer:
         self._tok = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
         config_path = folder / "tokenizer_config.json"
         special = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.config = dict(special)
+        """The folder's tokenizer_config.json as read (an HF export writes it back, extended)."""
         self._add_declared_tokens(special.get("added_tokens_decoder", {}))
         special.update(special_tokens or {})
         for key, names in CONVENTIONAL_NAMES.items():
@@ -84,6 +86,14 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         """The id of one vocabulary entry (e.g. a special token such as <|im_start|>), or None."""
         return self._tok.token_to_id(token)
+
+    def token(self, token_id: int) -> str:
+        """The vocabulary entry of ``token_id``."""
+        return self._tok.id_to_token(token_id)
+
+    def save_tokenizer_json(self, path: str):
+        """tokenizer.json of this tokenizer, tokens added since loading included."""
+        self._tok.save(path)
 
     def add_special_token(self, token: str) -> int:
         """The id of ``token``, added after the last id when the vocabulary lacks it (e.g. the mask

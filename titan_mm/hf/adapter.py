@@ -31,6 +31,10 @@ class HFAdapter:
     """(prefix of names key_map writes, prefix other writers give the same tensors), tried in order
     for names a checkpoint lacks: e.g. transformers 5 saves a SigLIP2 tower without 'vision_model.'."""
 
+    hf_module_prefixes: list[tuple[str, str]] = []
+    """(prefix of names key_map writes, the prefix transformers 5 gives the same modules in memory),
+    where they differ: PEFT adapters name modules as a loaded model does."""
+
     def hf_config(self, args) -> dict:
         """config.json content for a model of these args (transformers can load it)."""
         raise NotImplementedError
@@ -38,6 +42,12 @@ class HFAdapter:
     def args_from_hf_config(self, config: dict):
         """The family's args dataclass for an HF config.json."""
         raise NotImplementedError
+
+    def hf_processor_files(self, args, min_pixels: int, max_pixels: int) -> dict[str, dict]:
+        """{file name: JSON content} of the processor files transformers' AutoProcessor reads for
+        this family (preprocessor_config.json, ...), for images resized into [min_pixels,
+        max_pixels]; none for a text model."""
+        return {}
 
     def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """HF names and tensors; fused ones are concatenated, so pass full (not sharded) tensors

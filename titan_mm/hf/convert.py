@@ -17,8 +17,10 @@ import torch.distributed.checkpoint as dcp
 
 from titan_mm.config import ConfigError
 from titan_mm.hf.adapter import TOKEN_ID_FIELDS
+from titan_mm.hf.export import InferenceFiles, write_inference_files
 from titan_mm.hf.io import load_hf_weights, save_hf_weights
 from titan_mm.models import ModelSpec
+from titan_mm.models.lora import is_adapter_key
 from titan_mm.train.checkpoint import ModelState
 
 logger = logging.getLogger(__name__)
@@ -94,15 +96,24 @@ def hf_to_dcp(spec: ModelSpec, hf_folder: str, out_folder: str, flavor: str | No
     return args
 
 
-def dcp_to_hf(spec: ModelSpec, dcp_folder: str, out_folder: str, flavor: str, dtype: torch.dtype | None = None):
+def dcp_to_hf(spec: ModelSpec, dcp_folder: str, out_folder: str, flavor: str, dtype: torch.dtype | None = None,
+              inference_files: InferenceFiles | None = None):
     """Weights of a model-only export or of a full training checkpoint (its model part). A DCP folder
     written by hf_to_dcp holds its source's config.json: the flavor is checked against it and its
-    token ids are written back; otherwise the flavor's own are."""
+    token ids are written back; otherwise the flavor's own are. ``inference_files``: also the
+    tokenizer, chat template, generation and processor configs (titan_mm/hf/export.py)."""
     if os.path.isfile(os.path.join(dcp_folder, "config.json")):
         args = args_for_hf_folder(spec, dcp_folder, flavor)
     else:
         args = spec.flavors[flavor]
     spec.hf_adapter.hf_config(args)  # fail before loading when the flavor has no HF layout
+    stored = dcp.FileSystemReader(dcp_folder).read_metadata().state_dict_metadata
+    if any(is_adapter_key(k) for k in stored):
+        # the adapters' alpha / rank is not in the checkpoint: they cannot be merged here
+        raise ValueError(f"{dcp_folder} holds LoRA adapters; export them from the run instead "
+                         f"(checkpoint.export_hf_path merges them, lora.export_peft_path writes a PEFT folder)")
     model = empty_model(spec, args)
     dcp.load({"model": ModelState(model)}, checkpoint_id=dcp_folder)
     save_hf_weights(model, spec.hf_adapter, args, out_folder, dtype=dtype)
+    if inference_files is not None:
+        write_inference_files(out_folder, spec.hf_adapter, args, inference_files)

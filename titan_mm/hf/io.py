@@ -20,10 +20,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from titan_mm.hf.adapter import HFAdapter
+from titan_mm.models.lora import adapter_scalings, is_adapter_key, merge_adapters
 
 
 def load_hf_weights(model: torch.nn.Module, adapter: HFAdapter, folder: str):
-    state_dict = get_model_state_dict(model)
+    """The base weights (a LoRA model's adapters keep their init)."""
+    state_dict = base_state_dict(model)
     hf_state_dict = adapter.rename_to_hf(state_dict)
     # fused HF tensors are read whole into CPU buffers of their full shape
     fused = {hf_key: torch.empty((sum(state_dict[k].shape[0] for k in parts), *state_dict[parts[0]].shape[1:]),
@@ -33,7 +35,8 @@ def load_hf_weights(model: torch.nn.Module, adapter: HFAdapter, folder: str):
     # the same tensors under the names this folder uses; DCP reads into them in place
     as_stored = {adapter.stored_name(k, available): v for k, v in {**hf_state_dict, **fused}.items()}
     dcp.load(as_stored, storage_reader=dcp.HuggingFaceStorageReader(folder))
-    set_model_state_dict(model, adapter.from_hf(hf_state_dict), options=StateDictOptions(strict=not fused))
+    strict = not fused and not adapter_scalings(model)
+    set_model_state_dict(model, adapter.from_hf(hf_state_dict), options=StateDictOptions(strict=strict))
     if fused:
         # full tensors: set_model_state_dict keeps each rank's shard of them
         set_model_state_dict(model, adapter.from_hf(fused),
@@ -52,11 +55,12 @@ def hf_folder_names(folder: str) -> set[str]:
 
 def save_hf_weights(model: torch.nn.Module, adapter: HFAdapter, args, folder: str,
                     max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
-    """Full weights (every rank joins the gather; rank 0 writes)."""
+    """Full weights, LoRA adapters merged into them (every rank joins the gather; rank 0 writes)."""
     config = adapter.hf_config(args)  # first: it says why a model has no HF layout
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return
+    state_dict = merge_adapters(state_dict, adapter_scalings(model))
     write_hf_folder(adapter.to_hf(state_dict), config, folder, max_shard_bytes, dtype)
 
 
@@ -99,10 +103,16 @@ def load_hf_state_dict(model: torch.nn.Module, adapter: HFAdapter, hf_state_dict
     mapping, picking only the tensors the model has (a tied lm_head.weight, SigLIP2's pooling head
     and the like are left out)."""
     available = set(hf_state_dict)
-    state_dict = get_model_state_dict(model)
+    state_dict = base_state_dict(model)
     hf_keys = [*adapter.rename_to_hf(state_dict), *adapter.fused_parts(state_dict)]
     stored = {k: adapter.stored_name(k, available) for k in hf_keys}
     missing = sorted(v for v in stored.values() if v not in available)
     if missing:
         raise KeyError(f"the HF state dict lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
-    set_model_state_dict(model, adapter.from_hf({k: hf_state_dict[v] for k, v in stored.items()}))
+    set_model_state_dict(model, adapter.from_hf({k: hf_state_dict[v] for k, v in stored.items()}),
+                         options=StateDictOptions(strict=not adapter_scalings(model)))
+
+
+def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without LoRA adapters: what an HF checkpoint of the base model holds."""
+    return {k: v for k, v in get_model_state_dict(model).items() if not is_adapter_key(k)}

@@ -4,7 +4,8 @@ For each document of a microbatch a masking level t ~ U(eps, 1) is drawn; each t
 (one that carries a label: an assistant or caption token, never a prompt, padding or image / video
 token) is replaced by the mask token with probability t, independently. The decoder attends
 bidirectionally within each packed document and predicts the original token at every masked
-position. The loss is LLaDA's Monte-Carlo estimate of the negative ELBO:
+position (with ``mdlm_shift``, from the position before it, as an autoregressive model does: the
+Dream / Tiny-A2D recipe for starting from an autoregressive checkpoint). The loss is LLaDA's Monte-Carlo estimate of the negative ELBO:
 
     loss = sum over masked tokens i of CE(logits_i, x_i) / t_doc(i)  /  number of trainable tokens
 
@@ -17,6 +18,7 @@ the masks one process sees.
 """
 
 import torch
+import torch.nn.functional as F
 
 from titan_mm.config import Objective as ObjectiveConfig
 from titan_mm.data.packing import IGNORE_INDEX
@@ -29,6 +31,7 @@ class MDLM(Objective):
     def __init__(self, cfg: ObjectiveConfig, mask_id: int, *, vocab_parallel: bool, loss_parallel: bool):
         super().__init__(vocab_parallel=vocab_parallel, loss_parallel=loss_parallel)
         self.eps, self.antithetic, self.mask_id = cfg.mdlm_eps, cfg.mdlm_antithetic, mask_id
+        self.shift = cfg.mdlm_shift
 
     def prepare(self, batch: dict, seed: int) -> dict:
         generator = torch.Generator().manual_seed(seed)
@@ -40,8 +43,12 @@ class MDLM(Objective):
         trainable_BS = trainable_tokens(batch["labels"])
         masked_BS = trainable_BS & (torch.rand(input_ids_BS.shape, generator=generator) < t_BS)
         labels_BS = torch.where(masked_BS, input_ids_BS, IGNORE_INDEX)
+        weights_BS = 1.0 / t_BS
+        if self.shift:  # position i - 1 predicts token i (never across documents: a first token is not trainable)
+            labels_BS = F.pad(labels_BS[:, 1:], (0, 1), value=IGNORE_INDEX)
+            weights_BS = F.pad(weights_BS[:, 1:], (0, 1), value=1.0)
         return {**batch, "input_ids": torch.where(masked_BS, self.mask_id, input_ids_BS),
-                "targets": loss_targets(labels_BS, 1.0 / t_BS), "loss_tokens": trainable_BS}
+                "targets": loss_targets(labels_BS, weights_BS), "loss_tokens": trainable_BS}
 
     def masking_levels(self, document_ids_BS: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """[B, S] fp32: the t of each token's document, drawn from U(eps, 1) per document (padding

@@ -26,14 +26,17 @@ def tokens_per_step(n_masked: int, steps: int) -> list[int]:
 @torch.no_grad()
 def mdlm_generate(model: torch.nn.Module, inputs: dict, answer_start: int, *, mask_id: int, gen_length: int,
                   steps: int, block_length: int, remasking: Literal["low_confidence", "random"] = "low_confidence",
-                  temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                  temperature: float = 0.0, generator: torch.Generator | None = None,
+                  shift: bool = False) -> torch.Tensor:
     """The answer's ``gen_length`` token ids [gen_length]. ``inputs``: the model inputs of one row
-    (B = 1) whose input_ids hold mask_id at [answer_start, answer_start + gen_length)."""
+    (B = 1) whose input_ids hold mask_id at [answer_start, answer_start + gen_length). ``shift``:
+    the model was trained with ``mdlm_shift`` (position i - 1 predicts token i)."""
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError(f"block_length = {block_length} must divide gen_length = {gen_length}, and the "
                          f"{gen_length // block_length} blocks must divide steps = {steps}")
     ids_BS = inputs["input_ids"].clone()
     answer = slice(answer_start, answer_start + gen_length)
+    predictor = slice(answer.start - shift, answer.stop - shift)  # the positions whose states predict the answer
     n_blocks = gen_length // block_length
     for block in range(n_blocks):
         start = answer_start + block * block_length
@@ -42,7 +45,7 @@ def mdlm_generate(model: torch.nn.Module, inputs: dict, answer_start: int, *, ma
         n_masked = int((ids_BS[0, in_block_S] == mask_id).sum())
         for k in tokens_per_step(n_masked, steps // n_blocks):
             h_BSD = model(**{**inputs, "input_ids": ids_BS})
-            logits_GV = model.decoder.logits(h_BSD[0, answer]).double()
+            logits_GV = model.decoder.logits(h_BSD[0, predictor]).double()
             logits_GV[:, mask_id] = -torch.inf  # never predict the mask itself
             predicted_G = _predict(logits_GV, temperature, generator)
             if remasking == "low_confidence":

@@ -1,10 +1,12 @@
 """Parallelisms every family applies the same way to its transformer blocks."""
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def apply_compile(blocks: nn.ModuleDict, mode: str | None = None):
@@ -39,3 +41,22 @@ def apply_fsdp(blocks: list[nn.Module], root: nn.Module, mesh: DeviceMesh, param
         module.set_gradient_divide_factor(1.0)
         # plain SUM collectives: gloo (CPU) has no pre-multiplied sum
         module.set_force_sum_reduction_for_comms(True)
+
+
+@contextlib.contextmanager
+def fsdp_gathered(model: nn.Module):
+    """Inside, every FSDP module of ``model`` keeps its parameters gathered: forwards issue no
+    collectives, so ranks may run different numbers of them (evaluation of each rank's share of the
+    samples, generation of different lengths). Costs the whole model's memory on every rank.
+    Afterwards the parameters are sharded again, resharding after forward as apply_fsdp leaves it
+    (fully_shard's default: every module but the root)."""
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(module is not model, recurse=False)

@@ -10,14 +10,18 @@ head are split over the vocabulary (``apply_tp_embeddings_and_head``); with loss
 loss is computed on each rank's vocabulary slice of the logits (titan_mm/objectives/loss.py).
 
 Family-specific ViT plans (Qwen2.5-VL, Qwen3-VL) live in the family's parallelize.py and use
-``parallelize_block``.
+``parallelize_block``. A LoRA layer (titan_mm/models/lora.py) in a plan gets its adapters split
+with its base weight: colwise, lora_B by output rows and lora_A whole; rowwise, lora_A by input
+columns and lora_B whole, its partial sums reduced with the base layer's.
 """
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
+
+from titan_mm.models.lora import LoRALinear
 
 
 def apply_tp_decoder(blocks: nn.ModuleDict, tp_mesh: DeviceMesh, qk_norm: bool):
@@ -107,7 +111,14 @@ def apply_tp_embeddings_and_head(decoder: nn.Module, tp_mesh: DeviceMesh):
 def parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, plan: dict, n_extra_inputs: int):
     """Apply ``plan`` to a block whose forward takes the residual stream plus ``n_extra_inputs``
     tensors that are not split (rotary tables, masks)."""
+    plan = {fqn: with_adapters(style) if isinstance(block.get_submodule(fqn), LoRALinear) else style
+            for fqn, style in plan.items()}
+    frozen = [name for name, p in block.named_parameters() if not p.requires_grad]
     parallelize_module(block, tp_mesh, plan)
+    # SequenceParallel re-creates the norms' parameters trainable (torch 2.11 - 2.13): frozen
+    # weights (LoRA's base model) stay frozen
+    for name in frozen:
+        block.get_parameter(name).requires_grad_(False)
     extra = (None,) * n_extra_inputs
     # the stream enters whole and leaves whole: cut it to this rank's sequence slice on the way in
     # (no communication), gather it on the way out
@@ -115,3 +126,43 @@ def parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, plan: dict, n_extra
         input_layouts=(Replicate(), *extra), desired_input_layouts=(Shard(1), *extra), use_local_output=True))
     parallelize_module(block, tp_mesh, PrepareModuleOutput(
         output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
+
+
+class LoRAColwiseParallel(ColwiseParallel):
+    """ColwiseParallel of a LoRALinear: weight, bias and lora_B split by output rows, lora_A
+    replicated (each rank's B slice maps the whole A x to its output columns)."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        # called for the layer ("") and each of its children
+        _distribute_own_parameters(module, device_mesh, Replicate() if name == "lora_A" else Shard(0),
+                                   self.src_data_rank)
+
+
+class LoRARowwiseParallel(RowwiseParallel):
+    """RowwiseParallel of a LoRALinear: weight and lora_A split by input columns, bias and lora_B
+    replicated; B applied to A x's partial sums gives partial outputs, reduced with the base
+    layer's."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        if name == "":
+            super()._partition_linear_fn(name, module, device_mesh)
+        elif name in ("lora_A", "lora_B"):
+            _distribute_own_parameters(module, device_mesh, Shard(1) if name == "lora_A" else Replicate(),
+                                       self.src_data_rank)
+
+
+def with_adapters(style):
+    """The LoRA form of a Colwise / Rowwise style, with the same layouts."""
+    kinds = {ColwiseParallel: LoRAColwiseParallel, RowwiseParallel: LoRARowwiseParallel}
+    if type(style) not in kinds:
+        raise NotImplementedError(f"LoRA layers under tensor parallelism take ColwiseParallel or RowwiseParallel, "
+                                  f"not {type(style).__name__}")
+    return kinds[type(style)](input_layouts=style.input_layouts[0], output_layouts=style.output_layouts[0],
+                              use_local_output=style.use_local_output)
+
+
+def _distribute_own_parameters(module: nn.Module, mesh: DeviceMesh, placement, src_data_rank):
+    for name, param in module.named_parameters(recurse=False):
+        module.register_parameter(name, nn.Parameter(
+            distribute_tensor(param, mesh, [placement], src_data_rank=src_data_rank),
+            requires_grad=param.requires_grad))

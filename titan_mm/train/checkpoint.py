@@ -15,6 +15,7 @@ import pickle
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -24,10 +25,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from titan_mm.config import Checkpoint as CheckpointConfig
 from titan_mm.config import ConfigError
+from titan_mm.hf.export import InferenceFiles, write_inference_files
 from titan_mm.hf.io import load_hf_weights, save_hf_weights
+from titan_mm.hf.peft import save_peft_adapter
+from titan_mm.models.lora import adapter_scalings, is_adapter_key
 from titan_mm.train.manifest import ChecksummingWriter, commit, fsync_folder, saved_steps, step_folder
 
 logger = logging.getLogger(__name__)
@@ -49,17 +54,20 @@ def checkpoint_folder(cfg: CheckpointConfig, dump_folder: str) -> str:
 
 
 class ModelState(Stateful):
-    """The weights of a model, or of this rank's model parts (pipeline stages), by parameter name."""
+    """The weights of a model, or of this rank's model parts (pipeline stages), by parameter name;
+    with ``include``, only the names it accepts (e.g. LoRA adapters alone)."""
 
-    def __init__(self, model: torch.nn.Module | list[torch.nn.Module]):
+    def __init__(self, model: torch.nn.Module | list[torch.nn.Module], include: Callable[[str], bool] | None = None):
         self.parts = model if isinstance(model, list) else [model]
+        self.include = include
 
     def state_dict(self):
-        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()
+                if self.include is None or self.include(k)}
 
     def load_state_dict(self, state_dict):
         # each part takes its own names from the merged dict
-        strict = len(self.parts) == 1
+        strict = len(self.parts) == 1 and self.include is None
         for part in self.parts:
             set_model_state_dict(part, state_dict, options=StateDictOptions(strict=strict))
 
@@ -101,6 +109,11 @@ class OptimizerState(Stateful):
                         state = opt.state.get(p, {})
                         if "step" in state:
                             state["step"] = state["step"].to(p.device, torch.float32)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (every rank joins), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 _IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
@@ -159,18 +172,22 @@ class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, *, model_parts: list[torch.nn.Module],
                  optimizers: list, lr_schedulers: list, data_states: dict[str, Stateful],
                  train_state: Stateful, rank: int, dp_rank: int, job: dict, group=None, hf_adapter=None,
-                 model_args=None):
+                 model_args=None, saved_model_keys: Callable[[str], bool] | None = None, peft_export_path: str = "",
+                 inference_files: InferenceFiles | None = None):
         """model_parts: the whole model, or this rank's pipeline stages; one optimizer and LR
         scheduler per part. data_states: this rank's data position by checkpoint key
         (titan_mm/data/dataloader.py:data_states). job: what the manifest records of the run
         (train/resume.py); group: a gloo group of every rank for DCP's collectives (None: a single
-        process).
+        process). inference_files: what an HF export writes beside the weights (tokenizer, chat
+        template, generation and processor configs; titan_mm/hf/export.py).
 
         Dataloader and RNG states are keyed by data-parallel rank: the ranks that read the same data
         (tensor- and pipeline-parallel peers) hold the same loader state and one copy is kept, so a
         run resumes under another tp or pp degree as long as the data-parallel degree is unchanged.
         Their RNG states are taken to be interchangeable (training draws no random numbers after
-        initialisation)."""
+        initialisation). saved_model_keys: which weights training checkpoints hold (None = all;
+        LoRA's save_adapters_only: the adapters, the rest coming from the initial weights on resume).
+        peft_export_path: where export_peft writes a LoRA model's adapters (lora.export_peft_path)."""
         self.cfg = cfg
         self.folder = checkpoint_folder(cfg, dump_folder)
         self.rank, self.job, self.group = rank, job, group
@@ -183,17 +200,18 @@ class CheckpointManager:
         """(step, the save in flight): its write and, on rank 0, its commit."""
         self.drill_enospc_step = int(os.environ.get(DRILL_ENOSPC_STEP, "0"))
         self.model_parts = model_parts
-        self.hf_adapter, self.model_args = hf_adapter, model_args
-        if cfg.initial_load_hf_path or cfg.export_hf_path:
+        self.hf_adapter, self.model_args, self.inference_files = hf_adapter, model_args, inference_files
+        self.peft_export_path = peft_export_path
+        if cfg.initial_load_hf_path or cfg.export_hf_path or peft_export_path:
             if hf_adapter is None:
-                raise ConfigError("this model family has no HF adapter; unset checkpoint.initial_load_hf_path "
-                                  "and checkpoint.export_hf_path")
+                raise ConfigError("this model family has no HF adapter; unset checkpoint.initial_load_hf_path, "
+                                  "checkpoint.export_hf_path and lora.export_peft_path")
             try:
                 hf_adapter.hf_config(model_args)  # a flavor without an HF layout fails here, not at the end
             except ValueError as e:
                 raise ConfigError(f"checkpoint.initial_load_hf_path / export_hf_path: {e}") from None
         self.states = {
-            "model": ModelState(model_parts),
+            "model": ModelState(model_parts, include=saved_model_keys),
             "optimizer": OptimizerState(model_parts, optimizers),
             "lr_scheduler": LRSchedulerState(lr_schedulers),
             "train_state": train_state,
@@ -290,12 +308,22 @@ class CheckpointManager:
         dtype = torch.bfloat16 if self.cfg.export_hf_dtype == "bf16" else torch.float32
         (model,) = self.model_parts  # pipeline parallelism refuses HF export up front
         save_hf_weights(model, self.hf_adapter, self.model_args, path, dtype=dtype)
+        if self.inference_files is not None and self.rank == 0:
+            write_inference_files(path, self.hf_adapter, self.model_args, self.inference_files)
         logger.info("exported HF weights to %s in %.1fs", path, time.perf_counter() - start)
+
+    def export_peft(self):
+        """The LoRA adapters as a PEFT folder (every rank joins the gather; rank 0 writes)."""
+        (model,) = self.model_parts  # pipeline parallelism refuses the export up front
+        save_peft_adapter(model, self.hf_adapter, self.peft_export_path)
+        logger.info("exported LoRA adapters as a PEFT folder to %s", self.peft_export_path)
 
     def load(self, step: int | None):
         """Load checkpoint ``step`` (chosen and verified by train/resume.py), or the initial weights."""
-        if step is None:
+        if step is None or self.states["model"].include is not None:
+            # a checkpoint of some weights only (LoRA adapters) goes over the initial ones
             self.load_initial_weights()
+        if step is None:
             return
         folder = step_folder(self.folder, step)
         try:
@@ -311,13 +339,43 @@ class CheckpointManager:
     def load_initial_weights(self):
         """initial_load_path (DCP, model only) or initial_load_hf_path (HF folder), if set."""
         if self.cfg.initial_load_path:
-            dcp.load({"model": ModelState(self.model_parts)}, checkpoint_id=self.cfg.initial_load_path,
-                     process_group=self.group)
+            self.load_initial_dcp(self.cfg.initial_load_path)
             logger.info("loaded initial weights from %s", self.cfg.initial_load_path)
         elif self.cfg.initial_load_hf_path:
             (model,) = self.model_parts  # pipeline parallelism refuses HF loading up front
             load_hf_weights(model, self.hf_adapter, self.cfg.initial_load_hf_path)
             logger.info("loaded initial weights from HF folder %s", self.cfg.initial_load_hf_path)
+
+    def load_initial_dcp(self, path: str):
+        """Model weights from a DCP folder. A tensor stored with fewer rows than the model's (a
+        vocabulary that an objective grew, e.g. MDLM's mask token added to an autoregressive
+        checkpoint's embedding and output head) fills the model's first rows; the new rows keep
+        their initialisation. Any other shape difference fails as DCP does."""
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        # a base model's weights for a LoRA model: its adapters too if the folder holds them
+        lora = any(adapter_scalings(part) for part in self.model_parts)
+        model = ModelState(self.model_parts,
+                           include=(lambda k: not is_adapter_key(k) or f"model.{k}" in stored) if lora else None)
+        state = model.state_dict()
+        grown = {}
+        for name, tensor in state.items():
+            size = getattr(stored.get(f"model.{name}"), "size", None)
+            if size is not None and len(size) == tensor.dim() and size[0] < tensor.shape[0] \
+                    and tuple(size[1:]) == tuple(tensor.shape[1:]):
+                grown[name] = torch.empty(tuple(size), dtype=tensor.dtype)
+        dcp.load({"model": {**state, **grown}}, checkpoint_id=path, process_group=self.group)
+        if not grown:
+            model.load_state_dict(state)
+            return
+        full = {}
+        for name, rows in grown.items():
+            logger.warning("%s: %d rows in %s, %d in the model; the new rows keep their initialisation",
+                           name, rows.shape[0], path, state[name].shape[0])
+            full[name] = _full(state.pop(name)).to("cpu", copy=True)
+            full[name][:rows.shape[0]] = rows
+        for part in self.model_parts:
+            set_model_state_dict(part, state, options=StateDictOptions(strict=False))
+            set_model_state_dict(part, full, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def close(self):
         """Finish the save in flight, if any (on every exit path: the newest checkpoint is committed)."""

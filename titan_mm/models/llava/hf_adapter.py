@@ -25,13 +25,16 @@ class LlavaAdapter(HFAdapter):
                + [(r"projector\.(?P<m>linear_1|linear_2)\.(?P<p>weight|bias)",
                    "multi_modal_projector.{m}.{p}")]
                + decoder_key_map("language_model.model.", lm_head="language_model.lm_head"))
-    hf_prefix_aliases = [
-        ("vision_tower.vision_model.", "vision_tower."),  # transformers 5 save_pretrained
-        # transformers 5 in-memory names (a model's state_dict())
+    # transformers 5 in-memory names (a model's state_dict() and named_modules())
+    hf_module_prefixes = [
         ("vision_tower.vision_model.", "model.vision_tower."),
         ("language_model.model.", "model.language_model."),
         ("language_model.lm_head.", "lm_head."),
         ("multi_modal_projector.", "model.multi_modal_projector."),
+    ]
+    hf_prefix_aliases = [
+        ("vision_tower.vision_model.", "vision_tower."),  # transformers 5 save_pretrained
+        *hf_module_prefixes,
     ]
 
     def hf_config(self, args: LlavaArgs) -> dict:
@@ -41,6 +44,17 @@ class LlavaAdapter(HFAdapter):
                 "vision_config": vision_hf_config(args.vision), "text_config": text,
                 "image_token_index": args.image_token_id, **_FIXED_CONFIG,
                 "tie_word_embeddings": text["tie_word_embeddings"]}
+
+    def hf_processor_files(self, args: LlavaArgs, min_pixels: int, max_pixels: int) -> dict[str, dict]:
+        """SigLIP2's naflex image processor, its patch budget the run's max_pixels. (transformers'
+        LlavaProcessor counts image tokens of fixed-size images, so it is not named: prompts expand
+        each image placeholder to the image's patch count, as titan_mm's builders do.)"""
+        v = args.vision
+        return {"preprocessor_config.json": {
+            "image_processor_type": "Siglip2ImageProcessor", "patch_size": v.patch_size,
+            "max_num_patches": max_pixels // v.patch_size ** 2, "do_resize": True, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(v.image_mean),
+            "image_std": list(v.image_std)}}
 
     def args_from_hf_config(self, config: dict) -> LlavaArgs:
         wrong = {k: config.get(k, v) for k, v in _FIXED_CONFIG.items() if config.get(k, v) != v}

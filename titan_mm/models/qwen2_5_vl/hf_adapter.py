@@ -8,6 +8,7 @@ the released checkpoint files, which transformers' save_pretrained also writes (
 """
 
 from titan_mm.hf.adapter import TOKEN_ID_FIELDS, HFAdapter
+from titan_mm.hf.export import qwen_processor_files
 from titan_mm.models.llama.hf_adapter import rope_scaling_from_hf, rope_scaling_to_hf
 from titan_mm.models.llama.model import DecoderArgs
 from titan_mm.models.qwen2_5_vl.model import Qwen2_5_VLArgs, VisionArgs
@@ -65,6 +66,9 @@ class Qwen2_5_VLAdapter(HFAdapter):
         return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
                 "tie_word_embeddings": d.tie_embeddings, **{k: getattr(args, k) for k in TOKEN_ID_FIELDS},
                 "text_config": text, "vision_config": vision}
+
+    def hf_processor_files(self, args, min_pixels: int, max_pixels: int) -> dict[str, dict]:
+        return qwen_processor_files(args.vision_input, "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", min_pixels, max_pixels)
 
     def args_from_hf_config(self, config: dict) -> Qwen2_5_VLArgs:
         # hub configs of the first Qwen2.5-VL releases keep the text fields at the top level

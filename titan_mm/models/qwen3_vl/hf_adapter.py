@@ -2,6 +2,7 @@
 the ViT's fused qkv, which is our q/k/v_proj concatenated."""
 
 from titan_mm.hf.adapter import TOKEN_ID_FIELDS, HFAdapter
+from titan_mm.hf.export import qwen_processor_files
 from titan_mm.models.llama.hf_adapter import decoder_key_map, rope_scaling_from_hf, rope_scaling_to_hf
 from titan_mm.models.llama.model import DecoderArgs
 from titan_mm.models.qwen3_vl.model import Qwen3VLArgs, VisionArgs
@@ -97,6 +98,9 @@ class Qwen3VLAdapter(HFAdapter):
             "text_config": _text_config(args.decoder),
             "vision_config": _vision_config(args.vision, args.decoder.dim),
         }
+
+    def hf_processor_files(self, args, min_pixels: int, max_pixels: int) -> dict[str, dict]:
+        return qwen_processor_files(args.vision_input, "Qwen3VLProcessor", "Qwen3VLVideoProcessor", min_pixels, max_pixels)
 
     def args_from_hf_config(self, config: dict) -> Qwen3VLArgs:
         if config.get("model_type") != "qwen3_vl":
