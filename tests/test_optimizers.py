@@ -195,13 +195,13 @@ def test_staged_recipe_configs_chain():
     assert stage2.training.freeze == [] and stage2.optimizer.lr_multipliers["vision"] < 1
 
 
-def test_lora_adapters_take_adamw_without_weight_decay():
-    """With LoRA only the adapter factors train; they are not weight matrices of the family policy:
-    no weight decay, no Muon (a rank-r factor is not a block's weight matrix)."""
+def test_lora_adapters_take_adamw_with_weight_decay():
+    """With LoRA only the adapter factors train: weight-decayed as matrices (as HF Trainer does),
+    with AdamW under either optimizer (a rank-r factor is not a block's weight matrix)."""
     from titan_mm.config import Lora
     from titan_mm.models.lora import apply_lora
     model, policy = meta_model("llava")
     apply_lora(model, Lora(enabled=True))
     infos = describe_parameters(model, policy)
     assert infos and all(".lora_" in i.name for i in infos)
-    assert not any(i.decays or i.block_matrix for i in infos)
+    assert all(i.decays and not i.block_matrix for i in infos)

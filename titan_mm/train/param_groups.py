@@ -14,6 +14,7 @@ from torch import nn
 
 from titan_mm.config import ConfigError
 from titan_mm.models import ParamPolicy
+from titan_mm.models.lora import AdapterMatrix
 
 BLOCKS = "layers"
 """The ModuleDict of transformer blocks, in the vision encoder and in the decoder."""
@@ -26,7 +27,7 @@ class ParamInfo:
     group: str
     """Module group of the family policy ("" when no group covers the name)."""
     decays: bool
-    """A weight matrix: weight decay applies."""
+    """A weight matrix (or a LoRA factor): weight decay applies."""
     block_matrix: bool
     """A weight matrix inside a transformer block of the vision encoder or decoder (Muon's)."""
 
@@ -46,15 +47,17 @@ def describe_parameters(model: nn.Module, policy: ParamPolicy) -> list[ParamInfo
     infos = []
     for module_name, module in model.named_modules():
         is_matrix_module = isinstance(module, policy.matrix_modules)
+        # a LoRA factor is a weight matrix too (decayed, as HF Trainer does), but low rank: AdamW's
+        is_adapter = isinstance(module, AdapterMatrix)
         for pname, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
             name = f"{module_name}.{pname}" if module_name else pname
-            decays = is_matrix_module and pname == "weight"
+            decays = (is_matrix_module or is_adapter) and pname == "weight"
             group = module_group(name, policy)
             in_block = f".{BLOCKS}." in f".{name}"
             infos.append(ParamInfo(name, param, group, decays,
-                                   block_matrix=decays and param.ndim == 2 and in_block
+                                   block_matrix=decays and not is_adapter and param.ndim == 2 and in_block
                                    and group in ("vision", "decoder")))
     return infos
 
