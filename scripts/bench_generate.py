@@ -7,7 +7,8 @@ A random-init Qwen3-VL of ``--flavor``'s shape (transformers' Qwen3VLForConditio
 the config our adapter writes; its weights copied into our model through the adapter), in bf16 on
 cuda or fp32 on cpu. Each prompt is one image (``--image_size`` px square, random pixels) and a
 line of text, written in the bundled tokenizer's ids; a batch repeats it. For each batch size both
-generate exactly ``--new_tokens`` tokens (no stop token), after one warm-up run, and each is timed
+generate exactly ``--new_tokens`` tokens (no stop token), after one warm-up run (on cuda titan_mm
+also with its decode step replayed as a CUDA graph), and each is timed
 twice: the whole generation and the prefill alone (one new token), so
 
     decode tokens/s = batch x (new_tokens - 1) / (time(new_tokens) - time(1))
@@ -19,6 +20,7 @@ ways after a near tie; fp32 tests show them equal, tests/test_generate.py).
 
 import argparse
 import dataclasses
+import inspect
 import io
 import json
 import os
@@ -81,12 +83,15 @@ def prompt_document(im: InferenceModel, image_size: int):
     return text_prompt(im, [{"type": "image", "image": png.getvalue()}, {"type": "text", "text": PROMPT}])
 
 
-def hf_inputs(doc, batch: int, image_id: int, device: str) -> dict:
+def hf_inputs(hf, doc, batch: int, image_id: int, device: str) -> dict:
     ids = torch.tensor([doc.tokens] * batch)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "mm_token_type_ids": (ids == image_id).long().to(device),
-            "pixel_values": torch.cat([m.patches for m in doc.images] * batch).to(device),
-            "image_grid_thw": torch.tensor([m.grid for m in doc.images] * batch).to(device)}
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+              "pixel_values": torch.cat([m.patches for m in doc.images] * batch).to(device),
+              "image_grid_thw": torch.tensor([m.grid for m in doc.images] * batch).to(device)}
+    # transformers >= 5.2x places M-RoPE by token type; earlier releases find the image tokens by id
+    if "mm_token_type_ids" in inspect.signature(hf.model.forward).parameters:
+        inputs["mm_token_type_ids"] = (ids == image_id).long().to(device)
+    return inputs
 
 
 def timed(fn, device: str) -> tuple[float, object]:
@@ -123,11 +128,14 @@ def main(argv: list[str]) -> int:
     print(f"qwen3_vl/{opts.flavor}: {n_params / 1e6:.1f}M parameters, {opts.device} {dtype}, prompt of "
           f"{len(doc.tokens)} tokens ({doc.images[0].patches.shape[0]} patches), {opts.new_tokens} new tokens")
 
-    def ours(batch: int, n: int):
-        return generate(im, [doc] * batch, Sampling(max_new_tokens=n, stop_token_ids=()))
+    def ours(batch: int, n: int, cuda_graph: bool = False):
+        return generate(im, [doc] * batch, Sampling(max_new_tokens=n, stop_token_ids=()), cuda_graph=cuda_graph)
+
+    def ours_graphed(batch: int, n: int):
+        return ours(batch, n, cuda_graph=True)
 
     def theirs(batch: int, n: int):
-        inputs = hf_inputs(doc, batch, tok.image_id, opts.device)
+        inputs = hf_inputs(hf, doc, batch, tok.image_id, opts.device)
         with torch.no_grad():
             out = hf.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
                               pad_token_id=tok.pad_id)
@@ -135,26 +143,41 @@ def main(argv: list[str]) -> int:
 
     rows, first_tokens = [], {}
     for batch in [int(b) for b in opts.batch_sizes.split(",")]:
-        for name, fn in (("titan_mm", ours), ("transformers", theirs)):
-            fn(batch, 4)  # warm-up: kernels, allocator
-            total, tokens = timed(lambda: fn(batch, opts.new_tokens), opts.device)
-            prefill, _ = timed(lambda: fn(batch, 1), opts.device)
+        impls = [("titan_mm", ours), ("transformers", theirs)]
+        if opts.device.startswith("cuda"):
+            impls.insert(1, ("titan_mm + CUDA graph", ours_graphed))
+        for name, fn in impls:
+            try:
+                fn(batch, 4)  # warm-up: kernels, allocator
+                total, tokens = timed(lambda: fn(batch, opts.new_tokens), opts.device)
+                prefill, _ = timed(lambda: fn(batch, 1), opts.device)
+            except Exception as e:  # one implementation failing still leaves the others' numbers
+                print(f"{name} at batch {batch} failed: {type(e).__name__}: {e}")
+                rows.append({"impl": name, "batch": batch, "error": f"{type(e).__name__}: {e}"})
+                continue
             decode_tps = batch * (opts.new_tokens - 1) / max(total - prefill, 1e-9)
             rows.append({"impl": name, "batch": batch, "new_tokens": opts.new_tokens, "prefill_s": prefill,
                          "total_s": total, "decode_tokens_per_s": decode_tps,
                          "end_to_end_tokens_per_s": batch * opts.new_tokens / total})
             if batch == 1:
                 first_tokens[name] = tokens[0]
-    agree = next((i for i, (a, b) in enumerate(zip(*first_tokens.values())) if a != b), opts.new_tokens)
+    eager, hf_tokens = first_tokens.get("titan_mm", []), first_tokens.get("transformers", [])
+    agree = next((i for i, (a, b) in enumerate(zip(eager, hf_tokens)) if a != b), min(len(eager), len(hf_tokens)))
+    graph_equal = first_tokens.get("titan_mm + CUDA graph", eager) == eager
     print("| impl | batch | prefill s | total s | decode tokens/s | end-to-end tokens/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | {r['batch']} | failed | | | |")
+            continue
         print(f"| {r['impl']} | {r['batch']} | {r['prefill_s']:.3f} | {r['total_s']:.2f} | "
               f"{r['decode_tokens_per_s']:.1f} | {r['end_to_end_tokens_per_s']:.1f} |")
-    print(f"batch 1: the first {agree} of {opts.new_tokens} greedy tokens agree")
+    print(f"batch 1: the first {agree} of {opts.new_tokens} greedy tokens agree with transformers; "
+          f"CUDA graph tokens {'equal' if graph_equal else 'DIFFER FROM'} eager ones")
     result = {"flavor": opts.flavor, "device": torch.cuda.get_device_name() if opts.device.startswith("cuda")
               else "cpu", "dtype": str(dtype), "torch": torch.__version__, "prompt_tokens": len(doc.tokens),
-              "rows": rows, "batch1_tokens_agree": agree}
+              "rows": rows, "batch1_tokens_agree": agree,
+              "cuda_graph_tokens_equal_eager": graph_equal}
     os.makedirs(opts.out, exist_ok=True)
     path = os.path.join(opts.out, f"bench_generate_{opts.flavor}_{opts.device.split(':')[0]}.json")
     with open(path, "w") as f:

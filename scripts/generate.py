@@ -4,7 +4,7 @@ docs/generation.md).
     python scripts/generate.py --job.config_file train_configs/debug_vlm.toml \\
         [--checkpoint DIR | --hf_path DIR] [--image a.jpg ...] [--video clip.mp4] --prompt "..." \\
         [--mode auto|chat|raw] [--max_new_tokens 64] [--temperature 0] [--top_k 0] [--top_p 1] \\
-        [--stop STRING ...] [--seed 0] [--device cpu|cuda] [--dtype fp32|bf16]
+        [--stop STRING ...] [--seed 0] [--device cpu|cuda] [--dtype fp32|bf16] [--cuda_graph]
     python scripts/generate.py --job.config_file ... --interactive      # chat; /image PATH, /reset, /quit
 
 ``--checkpoint``: a DCP folder (a run's model-step-N or step-N); default the run's newest
@@ -49,6 +49,7 @@ def parse_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--cuda_graph", action="store_true", help="replay the decode step as a CUDA graph")
     mdlm = p.add_argument_group("masked diffusion (--objective.name mdlm)")
     mdlm.add_argument("--gen_length", type=int, default=32)
     mdlm.add_argument("--steps", type=int, default=32)
@@ -86,7 +87,7 @@ class Session:
             out.write(text)
         else:
             ids, text = [], ""
-            for step in generate_stream(self.im, [prompt], self.sampling):
+            for step in generate_stream(self.im, [prompt], self.sampling, cuda_graph=self.opts.cuda_graph):
                 if step[0] is not None:
                     ids.append(step[0])
                 new = completion_text(self.im.tokenizer, ids, self.sampling.stop_strings)

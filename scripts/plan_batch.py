@@ -45,6 +45,7 @@ from torch import nn  # noqa: E402
 from titan_mm.config import ActivationCheckpoint, ConfigError, Data, JobConfig, parse_args  # noqa: E402
 from titan_mm.data.batch import BatchShape  # noqa: E402
 from titan_mm.data.dataloader import row_shape  # noqa: E402
+from titan_mm.data.image import MultiEncoderInputSpec  # noqa: E402
 from titan_mm.data.plan import PLAN_ROWS, estimate_packing, read_sample  # noqa: E402
 from titan_mm.data.tokenizer import Tokenizer  # noqa: E402
 from titan_mm.models import get_model_spec  # noqa: E402
@@ -122,6 +123,12 @@ def activation_gib(model: nn.Module, cfg: JobConfig, s: int, n: int, l: int, pat
         vit_kept, vit_recompute = stack_bytes(model.vision.layers, rows * n * l, ac)
         kept, recompute = kept + vit_kept, max(recompute, vit_recompute)
         kept += rows * n * l * patch_dim * 4  # the fp32 pixel input
+        for k, encoder in getattr(model.vision, "encoders", {}).items():
+            # Cambrian: each encoder reads every image place at its own size (items: its patches)
+            e, spec = model.args.encoders[int(k)], model.args.vision_input
+            patches = rows * n * l // spec.tokens_per_image * (e.image_size // e.vision.patch_size) ** 2
+            enc_kept, enc_recompute = stack_bytes(encoder.layers, patches, ac)
+            kept, recompute = kept + enc_kept, max(recompute, enc_recompute)
     loss_chunk = 2 * min(CHUNK_TOKENS, rows * s) * model.decoder.args.vocab_size * BYTES
     p = cfg.parallelism
     split = p.tensor_parallel_degree * p.context_parallel_degree * p.ulysses_degree
@@ -177,7 +184,9 @@ def main(argv: list[str]):
           + (f"; skipped while reading: {dict(skipped)}" if skipped else ""))
     print()
     rows = []
-    for s, n, l in budget_grid(S, N, L, vi.merge_area):
+    # Cambrian's images are a fixed number of rows each: slots hold whole images
+    unit = vi.tokens_per_image if isinstance(vi, MultiEncoderInputSpec) else vi.merge_area
+    for s, n, l in budget_grid(S, N, L, unit):
         est = estimate_packing(docs, row_shape(with_budgets(cfg.data, n, l), tok, vi, s), cfg.data.pack_open_bins,
                                rows=opts.rows, seed=cfg.job.seed)
         rows.append(dict(s=s, n=n, l=l, est=est, useful=useful_compute(spec, args, est, s, n, l),

@@ -120,4 +120,4 @@ def test_every_bundled_config_parses_and_names_a_real_flavor(path):
     cfg, _ = parse_args(["--job.config_file", path])
     args = get_model_spec(cfg.model.name).flavors[cfg.model.flavor]
     spec = args.vision_input
-    check_image_budget(cfg.data, spec.patch_size, spec.spatial_merge_size)
+    check_image_budget(cfg.data, spec)

@@ -242,6 +242,17 @@ def test_stream_yields_one_token_per_step_and_none_after_a_row_stops(qwen3, medi
         qwen3, docs[1:], dataclasses.replace(GREEDY, stop_token_ids=(stop,)))[0]
 
 
+def test_streams_that_share_the_model_interleaved_step_by_step_give_their_own_tokens(qwen3, media_root):
+    docs = [text_prompt(qwen3, p, str(media_root)) for p in prompts("qwen3_vl").values()]
+    alone = [generate(qwen3, [d], GREEDY)[0] for d in docs]
+    streams = [generate_stream(qwen3, [d], GREEDY) for d in docs]
+    interleaved = [[], []]
+    for steps in zip(*streams):
+        for out, step in zip(interleaved, steps):
+            out.append(step[0])
+    assert interleaved == alone
+
+
 def test_sampling_top_k_1_and_tiny_top_p_are_greedy_and_seeds_reproduce(qwen3, media_root):
     doc = text_prompt(qwen3, prompts("qwen3_vl")["short"], str(media_root))
     greedy = generate(qwen3, [doc], GREEDY)[0]
@@ -262,6 +273,16 @@ def test_chat_prompt_is_the_training_document_cut_where_the_answer_starts(qwen3,
     assert trained.tokens[:len(prompt.tokens) + len(answer)] == prompt.tokens + answer
     assert torch.equal(trained.positions[:, :len(prompt.tokens)], prompt.positions)
     assert qwen3.stop_token_ids() == (qwen3.tokenizer.eos_id,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_gives_the_eager_tokens(qwen3, media_root):
+    qwen3.model.cuda()
+    try:
+        docs = [text_prompt(qwen3, p, str(media_root)) for p in prompts("qwen3_vl").values()]
+        assert generate(qwen3, docs, GREEDY, cuda_graph=True) == generate(qwen3, docs, GREEDY)
+    finally:
+        qwen3.model.cpu()
 
 
 def test_cache_is_attached_only_inside_its_block(qwen3):

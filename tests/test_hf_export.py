@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import load_script, make_config
+from test_parallel import seed_checkpoint
 from titan_mm.generate import Sampling, chat_prompt, generate, load_model_for_inference
 
 transformers = pytest.importorskip("transformers")
@@ -73,14 +74,11 @@ def check_export_generates_our_tokens(cfg, folder):
 
 def test_qwen2_5_vl_export_of_dcp_weights_loads_and_generates_our_tokens(tmp_path):
     """scripts/convert_dcp_to_hf.py --tokenizer on random-init debug Qwen2.5-VL weights."""
-    import sys
-    sys.path.insert(0, "scripts")
-    from create_seed_checkpoint import create_seed_checkpoint
     flavor = "debug-untied"  # a tied head over tiny embeddings repeats one token
-    cfg = make_config(tmp_path, "--job.config_file", "train_configs/qwen2_5_vl_debug.toml", "--model.flavor", flavor)
-    create_seed_checkpoint(cfg, str(tmp_path / "seed"))
+    overrides = ("--job.config_file", "train_configs/qwen2_5_vl_debug.toml", "--model.flavor", flavor)
+    cfg = make_config(tmp_path, *overrides)
     assert load_script("convert_dcp_to_hf").main([
-        str(tmp_path / "seed"), str(tmp_path / "hf"), "--model.name", "qwen2_5_vl", "--model.flavor", flavor,
+        seed_checkpoint(tmp_path, *overrides), str(tmp_path / "hf"), "--model.name", "qwen2_5_vl", "--model.flavor", flavor,
         "--tokenizer", "assets/tokenizer", "--chat_format", "plain", "--min_pixels", str(cfg.data.min_pixels),
         "--max_pixels", str(cfg.data.max_pixels)]) == 0
     check_export_generates_our_tokens(cfg, tmp_path / "hf")
@@ -103,13 +101,9 @@ def test_llava_export_loads_with_its_tokenizer_template_and_image_processor(tmp_
     writes our prompt ids (each image placeholder expanded to the image's patch count) and the
     SigLIP2 image processor. (Its greedy tokens equal transformers' in tests/test_generate.py;
     transformers' LlavaProcessor and generate() do not handle naflex towers' spatial_shapes.)"""
-    import sys
-    sys.path.insert(0, "scripts")
-    from create_seed_checkpoint import create_seed_checkpoint
-    cfg = make_config(tmp_path, "--model.flavor", "debug-siglip2", "--data.chat_format", "plain")
-    create_seed_checkpoint(cfg, str(tmp_path / "seed"))
+    cfg = make_config(tmp_path, "--model.flavor", "debug-siglip2")
     assert load_script("convert_dcp_to_hf").main([
-        str(tmp_path / "seed"), str(tmp_path / "hf"), "--model.name", "llava", "--model.flavor", "debug-siglip2",
+        seed_checkpoint(tmp_path, "--model.flavor", "debug-siglip2"), str(tmp_path / "hf"), "--model.name", "llava", "--model.flavor", "debug-siglip2",
         "--tokenizer", "assets/tokenizer", "--max_pixels", str(cfg.data.max_pixels)]) == 0
     folder = tmp_path / "hf"
     assert isinstance(transformers.AutoModelForImageTextToText.from_pretrained(folder),

@@ -16,7 +16,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from titan_mm.config import ConfigError, Data
 from titan_mm.data.chat import ChatDocumentBuilder
 from titan_mm.data.documents import DocumentBuilder
-from titan_mm.data.image import ImageProcessor, VisionInputSpec
+from titan_mm.data.image import MultiEncoderInputSpec, VisionInputSpec, build_image_processor
 from titan_mm.data.packing import BestFitPacker, RowShape
 from titan_mm.data.sources import MixtureSource, StreamingSource, source_name
 from titan_mm.data.tokenizer import Tokenizer
@@ -63,8 +63,14 @@ class Collator:
         return collate_rows(rows, self.merged_per_slot)
 
 
-def check_image_budget(cfg: Data, patch_size: int, merge: int):
+def check_image_budget(cfg: Data, spec: VisionInputSpec):
     """Fail early when the largest image cannot fit one slot of L patches."""
+    if isinstance(spec, MultiEncoderInputSpec):
+        if cfg.patches_per_slot % spec.tokens_per_image:
+            raise ConfigError(f"data.patches_per_slot={cfg.patches_per_slot} must be a multiple of the "
+                              f"{spec.tokens_per_image} image tokens of every image of this model")
+        return
+    patch_size, merge = spec.patch_size, spec.spatial_merge_size
     factor = patch_size * merge
     max_patches = (cfg.max_pixels // factor ** 2) * merge ** 2
     if max_patches > cfg.patches_per_slot:
@@ -81,7 +87,7 @@ def check_image_budget(cfg: Data, patch_size: int, merge: int):
 def build_document_builder(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec,
                            kind: str | None = None) -> DocumentBuilder:
     """The builder for samples of ``kind`` (default: data.dataset)."""
-    processor = ImageProcessor(spec, cfg.min_pixels, cfg.max_pixels)
+    processor = build_image_processor(spec, cfg.min_pixels, cfg.max_pixels)
     if (kind or cfg.dataset) == "chat":
         return ChatDocumentBuilder(tokenizer, processor, cfg.chat_format, spec.positions_fn,
                                    video_fps=cfg.video_fps, video_max_frames=cfg.video_max_frames)
@@ -204,7 +210,7 @@ def build_dataloader(cfg: Data, tokenizer: Tokenizer, spec: VisionInputSpec, *, 
     """Batches of this data-parallel rank (in page-locked memory with ``pin_memory``, for
     asynchronous copies to a GPU). With data.num_shards the dataset is a ShardRows (its
     ``packers`` hold one state per hosted shard)."""
-    check_image_budget(cfg, spec.patch_size, spec.spatial_merge_size)
+    check_image_budget(cfg, spec)
     per_rank = check_data_shards(cfg, batch_size, dp_world)
     merge_area = spec.merge_area
     shape = row_shape(cfg, tokenizer, spec, seq_len)

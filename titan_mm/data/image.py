@@ -158,3 +158,105 @@ class ImageProcessor:
     def _target_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels,
                             self.max_pixels)
+
+
+@dataclass(frozen=True)
+class SquareImageInput:
+    """One encoder's input in a multi-encoder model: every image padded to a square with the
+    encoder's mean colour and resized to ``image_size`` x ``image_size``, then normalised."""
+
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    @property
+    def numel(self) -> int:
+        return 3 * self.image_size ** 2
+
+
+@dataclass(frozen=True)
+class MultiEncoderInputSpec(VisionInputSpec):
+    """The data pipeline's view of a model that reads each image through several encoders, each at
+    its own fixed square size (Cambrian), and gives the decoder a fixed grid of ``tokens_per_image``
+    image tokens per image.
+
+    Each image is one visual item of ``tokens_per_image`` rows of ``patch_dim`` values, one row per
+    image token (merge 1), so the packer, image_token_index and the N x L slot layout work as for
+    any image. The rows hold the image's encoder inputs: every encoder's normalised
+    [3, size, size] image flattened, concatenated in encoder order and zero-padded to fill them
+    (``split_encoder_images`` reads them back). A slot of L = k x tokens_per_image rows holds k
+    images.
+    """
+
+    encoder_inputs: tuple[SquareImageInput, ...] = ()
+    grid_hw: tuple[int, int] = (1, 1)
+    """(rows, columns) of image tokens per image."""
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid_hw[0] * self.grid_hw[1]
+
+    @property
+    def pixels_per_image(self) -> int:
+        return sum(e.numel for e in self.encoder_inputs)
+
+    @property
+    def patch_dim(self) -> int:
+        return -(-self.pixels_per_image // self.tokens_per_image)
+
+
+def expand_to_square(img: Image.Image, fill: tuple[float, float, float]) -> Image.Image:
+    """``img`` centred on a square canvas of its longer side, filled with ``fill`` (0-1 RGB)."""
+    side = max(img.width, img.height)
+    if img.width == img.height:
+        return img
+    canvas = Image.new("RGB", (side, side), tuple(int(c * 255) for c in fill))
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return canvas
+
+
+class MultiEncoderImageProcessor(ImageProcessor):
+    """PIL image -> (rows [tokens_per_image, patch_dim], coords [tokens_per_image, 3]) for a
+    MultiEncoderInputSpec: each encoder's square image, laid out as that spec describes. Videos
+    are refused (skipped and counted)."""
+
+    def __init__(self, spec: MultiEncoderInputSpec, min_pixels: int, max_pixels: int):
+        super().__init__(spec, min_pixels, max_pixels)
+        self.spec = spec
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = []
+        for enc in self.spec.encoder_inputs:
+            square = expand_to_square(img, enc.image_mean)
+            if square.size != (enc.image_size, enc.image_size):
+                square = square.resize((enc.image_size, enc.image_size), Image.Resampling.BICUBIC)
+            mean, std = torch.tensor(enc.image_mean).view(3, 1, 1), torch.tensor(enc.image_std).view(3, 1, 1)
+            flat.append(((to_tensor(square) - mean) / std).flatten())
+        rows, cols = self.spec.grid_hw
+        values = torch.zeros(rows * cols * self.spec.patch_dim)
+        values[:self.spec.pixels_per_image] = torch.cat(flat)
+        h, w = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        coords = torch.stack([torch.zeros_like(h), h, w], dim=-1).reshape(-1, 3)
+        return values.view(rows * cols, -1), coords
+
+    def video(self, frames_TCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise MediaError("unsupported_video", "this model's encoders take still images only")
+
+
+def split_encoder_images(rows_NLD: torch.Tensor, spec: MultiEncoderInputSpec) -> list[torch.Tensor]:
+    """The inverse of MultiEncoderImageProcessor on a batch of slots [N, L, D] (L a multiple of
+    tokens_per_image): each encoder's images [N * L / tokens_per_image, 3, size, size], image-slot
+    major. Shape arithmetic only (no host sync)."""
+    flat_ID = rows_NLD.reshape(-1, spec.tokens_per_image * rows_NLD.shape[-1])
+    images, start = [], 0
+    for enc in spec.encoder_inputs:
+        images.append(flat_ID[:, start:start + enc.numel].view(-1, 3, enc.image_size, enc.image_size))
+        start += enc.numel
+    return images
+
+
+def build_image_processor(spec: VisionInputSpec, min_pixels: int, max_pixels: int) -> ImageProcessor:
+    """The processor a model's input spec asks for."""
+    if isinstance(spec, MultiEncoderInputSpec):
+        return MultiEncoderImageProcessor(spec, min_pixels, max_pixels)
+    return ImageProcessor(spec, min_pixels, max_pixels)

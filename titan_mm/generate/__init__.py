@@ -15,6 +15,7 @@ The API (stable; scripts/generate.py, the evaluation harness and the server call
         {"type": "text", "text": "What is in the picture?"}]}], media_root=".")
     #   or text_prompt(im, "a plain continuation", media_root) / text_prompt(im, [parts...])
     ids = generate(im, [prompt, other_prompt], Sampling(max_new_tokens=64))  # list[list[int]]
+    #   generate(..., cuda_graph=True) replays the decode step as a CUDA graph
     text = completion_text(im.tokenizer, ids[0], sampling.stop_strings)
     for step_tokens in generate_stream(im, [prompt], sampling):   # one list per decode step:
         token = step_tokens[0]                                     # an id, or None once stopped
@@ -22,7 +23,9 @@ The API (stable; scripts/generate.py, the evaluation harness and the server call
 ``Sampling``: max_new_tokens, temperature (0 = greedy), top_k, top_p, stop_token_ids (default: eos
 and the chat format's turn end), stop_strings, seed. Stop tokens are not part of the output; the
 token that completes a stop string is. Prompts of a batch may differ in length and media (left
-padding): batched output equals one-at-a-time output.
+padding): batched output equals one-at-a-time output. Generations may share one InferenceModel
+(threads of a server, or streams consumed in turn): each has its own cache, attached to the model
+for one forward at a time under ``im.lock``.
 
 Pieces: ``kv_cache.py`` (the cache, attached to the decoder through its ``build_mask`` and
 ``attend`` hooks, so model code is unchanged), ``decode.py`` (prompt batch, prefill, decode

@@ -9,11 +9,11 @@ both for the cache's own for the duration of a ``with`` block and puts the origi
   positions hold real tokens, and returns a dense mask of the new queries over every cached key:
   a query sees the real keys at or before its own position, and itself (so a padding query stays
   finite);
-- each layer's ``attend`` writes its new keys and values at the cache's current length and attends
-  over everything cached so far with the shared kernel (``attend`` of titan_mm/models/attention.py,
-  sdpa; grouped-query heads are not repeated in the cache).
+- each layer's ``attend`` writes its new keys and values at the cache's cursor and attends over
+  the whole cache (what is not written yet is masked) with the shared kernel (``attend`` of
+  titan_mm/models/attention.py, sdpa; grouped-query heads are not repeated in the cache).
 
-The caller advances the cache by the number of tokens of each forward (``advance``). Rows are
+The caller advances the cursor by the number of tokens of each forward (``advance``). Rows are
 left-padded to a common length, so every row writes at the same cache position; rotary positions
 are the caller's, per row.
 """
@@ -26,7 +26,11 @@ from titan_mm.models.attention import AttentionMask, attend
 
 
 class KVCache:
-    """Keys and values of ``n_layers`` layers for ``batch`` rows of at most ``max_len`` tokens."""
+    """Keys and values of ``n_layers`` layers for ``batch`` rows of at most ``max_len`` tokens.
+
+    Every shape is fixed: new tokens are written at the device-side ``cursor`` and attention
+    always reads the whole ``max_len`` cache with a mask, so a decode step has the same shapes
+    and the same kernels every time (a CUDA graph can replay it)."""
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device | str):
@@ -35,11 +39,10 @@ class KVCache:
         self.v_LBTHD = torch.zeros(shape, dtype=dtype, device=device)
         self.real_BT = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         """Which cached positions hold real tokens (False: left padding, or not written yet)."""
-        self.max_len = max_len
-        self.length = 0
-        """Positions written so far (a host int: the caller knows how many tokens it fed)."""
-        self._new = 0
-        """Tokens of the forward in progress (set by build_mask)."""
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)
+        """Where the next token is written (on the device: a replayed graph advances it too)."""
+        self.new_positions = None
+        """Cache positions of the forward in progress (set by build_mask)."""
 
     @classmethod
     def for_decoder(cls, decoder, batch: int, max_len: int, *, dtype: torch.dtype,
@@ -67,28 +70,25 @@ class KVCache:
 
     def build_mask(self, document_ids_BS: torch.Tensor, *, causal: bool, backend: str,
                    segment_lengths_BK: torch.Tensor | None = None) -> AttentionMask:
-        """The decoder's ``build_mask``: [B, 1, S, length + S] over the cache, S new tokens."""
-        S = document_ids_BS.shape[1]
-        start, end = self.length, self.length + S
-        if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} tokens; {end} were fed")
-        self._new = S
-        self.real_BT[:, start:end] = document_ids_BS >= 0
-        q_pos_S1 = torch.arange(start, end, device=document_ids_BS.device)[:, None]
-        k_pos_T = torch.arange(end, device=document_ids_BS.device)
-        visible_BST = (self.real_BT[:, None, :end] & (k_pos_T <= q_pos_S1)) | (k_pos_T == q_pos_S1)
+        """The decoder's ``build_mask``: [B, 1, S, max_len] over the cache, S new tokens at the
+        cursor (the caller sizes the cache so that they fit)."""
+        device = document_ids_BS.device
+        self.new_positions = self.cursor + torch.arange(document_ids_BS.shape[1], device=device)
+        self.real_BT.index_copy_(1, self.new_positions, document_ids_BS >= 0)
+        q_pos_S1 = self.new_positions[:, None]
+        k_pos_T = torch.arange(self.real_BT.shape[1], device=device)
+        visible_BST = (self.real_BT[:, None] & (k_pos_T <= q_pos_S1)) | (k_pos_T == q_pos_S1)
         return AttentionMask(backend="sdpa", dense=visible_BST[:, None], causal=True)
 
     def write_and_attend(self, layer: int, q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor,
                          mask: AttentionMask) -> torch.Tensor:
-        start, end = self.length, self.length + self._new
-        self.k_LBTHD[layer, :, start:end] = k_BSHD
-        self.v_LBTHD[layer, :, start:end] = v_BSHD
-        return attend(q_BSHD, self.k_LBTHD[layer, :, :end], self.v_LBTHD[layer, :, :end], mask)
+        self.k_LBTHD[layer].index_copy_(1, self.new_positions, k_BSHD)
+        self.v_LBTHD[layer].index_copy_(1, self.new_positions, v_BSHD)
+        return attend(q_BSHD, self.k_LBTHD[layer], self.v_LBTHD[layer], mask)
 
     def advance(self, n: int):
-        """Count the ``n`` tokens the last forward wrote."""
-        self.length += n
+        """Move the cursor past the ``n`` tokens the last forward wrote."""
+        self.cursor += n
 
 
 class _CachedAttend:

@@ -3,7 +3,8 @@ builders that turn chat messages or interleaved content into prompt documents.""
 
 import dataclasses
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +39,9 @@ class InferenceModel:
     source: str
     """Where the weights came from."""
     chat_error: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Held by each forward of a generation (titan_mm/generate/decode.py), so that generations
+    sharing the model, e.g. a server's requests in threads, take turns step by step."""
 
     @property
     def device(self) -> torch.device:

@@ -59,4 +59,8 @@ def get_model_spec(name: str) -> ModelSpec:
     if name == "qwen3_vl":
         from titan_mm.models.qwen3_vl import SPEC
         return SPEC
-    raise ConfigError(f"unknown model.name {name!r}; available: ['llava', 'llama', 'qwen2_5_vl', 'qwen3_vl']")
+    if name == "cambrian":
+        from titan_mm.models.cambrian import SPEC
+        return SPEC
+    raise ConfigError(f"unknown model.name {name!r}; available: ['llava', 'llama', 'qwen2_5_vl', 'qwen3_vl', "
+                      f"'cambrian']")

@@ -6,6 +6,7 @@ Single-device code; parallelisms are applied from outside (titan_mm/parallel).
 """
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -162,22 +163,27 @@ class Decoder(nn.Module):
 
     def forward(self, h_BSD: torch.Tensor, position_ids: torch.Tensor, document_ids_BS: torch.Tensor,
                 layer_additions: list[torch.Tensor] | None = None,
-                document_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                document_lengths: torch.Tensor | None = None,
+                after_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """h_BSD: input embeddings (or token ids [B, S] when this stage has tok_embeddings).
         position_ids: [B, S], or [B, 3, S] with M-RoPE. layer_additions[i] ([B, S, D]) is added to
         the output of layer i (DeepStack visual features). document_lengths [B, K]: each row's
-        document (and padding) lengths, for the varlen attention backend. Returns the final hidden
-        states [B, S, D] (after the final norm; before it on a pipeline stage without one)."""
+        document (and padding) lengths, for the varlen attention backend. after_layer(i, h_BSD), when
+        given, maps the output of layer i (Cambrian's SVA layers inside the decoder). Returns the
+        final hidden states [B, S, D] (after the final norm; before it on a pipeline stage without
+        one)."""
         if self.tok_embeddings is not None and not h_BSD.is_floating_point():
             h_BSD = self.tok_embeddings(h_BSD)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.mrope_section,
                                 self.args.mrope_interleaved, rope_attention_scaling(self.args.rope_scaling))
         mask = self.build_mask(document_ids_BS, causal=self.args.causal, backend=self.args.attention_backend,
                                segment_lengths_BK=document_lengths)
-        for i, layer in enumerate(self.layers.values()):
+        for i, (name, layer) in enumerate(self.layers.items()):
             h_BSD = layer(h_BSD, cos, sin, mask)
             if layer_additions is not None and i < len(layer_additions):
                 h_BSD = h_BSD + layer_additions[i]
+            if after_layer is not None:
+                h_BSD = after_layer(int(name), h_BSD)
         if self.norm is None:  # not the last pipeline stage
             return h_BSD
         return self.norm(h_BSD)
