@@ -62,16 +62,17 @@ class ShardLayout:
 class Muon(torch.optim.Optimizer):
     """Param groups with ``use_muon`` take Muon steps, the others AdamW steps (decoupled weight decay).
 
-    lr, weight_decay: per group (AdamW's values carry over to the Muon groups). momentum, nesterov,
-    ns_steps, ns_dtype: Muon's; betas, eps, fused, foreach: the AdamW groups'.
+    lr, weight_decay: per group (AdamW's values carry over to the Muon groups). momentum, nesterov:
+    the Muon groups'; betas, eps, fused, foreach: the AdamW groups'. ns_steps, ns_dtype: the
+    Newton-Schulz iteration's, for every matrix.
     """
 
     def __init__(self, groups: list[dict], *, lr: float, momentum: float, nesterov: bool, ns_steps: int,
                  ns_dtype: torch.dtype, betas: tuple[float, float], eps: float, fused: bool, foreach: bool):
         defaults = dict(lr=lr, weight_decay=0.0, use_muon=False, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, betas=betas, eps=eps, fused=fused, foreach=foreach)
+                        betas=betas, eps=eps, fused=fused, foreach=foreach)
         super().__init__(groups, defaults)
-        self.ns_dtype = ns_dtype
+        self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
         self.layouts = shard_layouts([p for g in self.param_groups if g["use_muon"] for p in g["params"]])
 
     @torch.no_grad()
@@ -103,65 +104,64 @@ class Muon(torch.optim.Optimizer):
             maximize=False)
 
     def _muon_step(self, groups: list[dict], found_inf: torch.Tensor | None):
-        params, updates, settings = [], [], []
+        """Matrix by matrix where it is whole on this rank; in batches of one matrix per rank of its
+        process group where it is sharded, so at most that batch's updates exist at a time."""
+        sharded: dict = {}
         for group in groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                params.append(p)
-                updates.append(nesterov_momentum(_local(p.grad), _local(state["momentum_buffer"]), group,
-                                                 found_inf))
-                settings.append(group)
-        for p, update, group in zip(params, self.orthogonalised(params, updates), settings):
-            p_local = _local(p)
-            step_size = group["lr"] * update_scale(p.shape)
-            new = p_local * (1 - group["lr"] * group["weight_decay"]) - step_size * update.to(p_local.dtype)
-            p_local.copy_(new if found_inf is None else torch.where(found_inf > 0, p_local, new))
-
-    def orthogonalised(self, params: list[torch.Tensor], updates: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The orthogonalised update of each parameter, as this rank's shard of it."""
-        out: list[torch.Tensor | None] = [None] * len(params)
-        by_group: dict = {}
-        for i, p in enumerate(params):
-            layout = self.layouts.get(p)
-            if layout is None:  # whole on this rank: a single process, or replicated
-                out[i] = orthogonalise(updates[i], self.defaults["ns_steps"], self.ns_dtype)
-            else:
-                by_group.setdefault(layout.group, []).append(i)
-        for group, indices in by_group.items():
-            world = dist.get_world_size(group)
+                layout = self.layouts.get(p)
+                if layout is None:  # a single process, or replicated
+                    update = self._momentum_update(p, group, found_inf)
+                    ortho = orthogonalise(update, self.ns_steps, self.ns_dtype)
+                    self._apply(p, group, ortho, found_inf)
+                else:
+                    sharded.setdefault(layout.group, []).append((p, group))
+        for process_group, members in sharded.items():
+            world = dist.get_world_size(process_group)
             # round-robin: matrix k of each batch of `world` is orthogonalised by group rank k
-            for start in range(0, len(indices), world):
-                batch = indices[start:start + world]
-                results = self.orthogonalise_batch(group, [params[i] for i in batch], [updates[i] for i in batch])
-                for i, result in zip(batch, results):
-                    out[i] = result
-        return out
+            for start in range(0, len(members), world):
+                batch = members[start:start + world]
+                updates = [self._momentum_update(p, group, found_inf) for p, group in batch]
+                results = self.orthogonalise_batch(process_group, [p for p, _ in batch], updates)
+                for (p, group), ortho in zip(batch, results):
+                    self._apply(p, group, ortho, found_inf)
 
-    def orthogonalise_batch(self, group, params: list[torch.Tensor], updates: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _momentum_update(self, p: torch.Tensor, group: dict, found_inf) -> torch.Tensor:
+        """This rank's shard of the (Nesterov) momentum update of ``p``."""
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return nesterov_momentum(_local(p.grad), _local(state["momentum_buffer"]), group, found_inf)
+
+    @staticmethod
+    def _apply(p: torch.Tensor, group: dict, ortho: torch.Tensor, found_inf):
+        """W <- W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O, on this rank's shard."""
+        p_local = _local(p)
+        step_size = group["lr"] * update_scale(p.shape)
+        new = p_local * (1 - group["lr"] * group["weight_decay"]) - step_size * ortho.to(p_local.dtype)
+        p_local.copy_(new if found_inf is None else torch.where(found_inf > 0, p_local, new))
+
+    def orthogonalise_batch(self, group, params: list[torch.Tensor],
+                            updates: list[torch.Tensor]) -> list[torch.Tensor]:
         """Up to world-size matrices of one process group: all-to-all the shards of matrix k to group
         rank k, which orthogonalises the whole matrix, all-to-all the shards back."""
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        layouts = [self.layouts[p] for p in params]
         dtype = updates[0].dtype
         send_sizes = [updates[k].numel() if k < len(params) else 0 for k in range(world)]
-        mine = layouts[rank] if rank < len(params) else None
+        mine = self.layouts[params[rank]] if rank < len(params) else None
         recv_sizes = [math.prod(mine.shapes[s]) if mine else 0 for s in range(world)]
-        send = torch.cat([u.reshape(-1) for u in updates] or [updates[0].new_empty(0)])
-        received = _all_to_all(send, recv_sizes, send_sizes, group)
-        back_sizes = recv_sizes
+        received = _all_to_all(torch.cat([u.reshape(-1) for u in updates]), recv_sizes, send_sizes, group)
         if mine is not None:
             full = updates[0].new_empty(params[rank].shape, dtype=dtype)
             for s, piece in enumerate(received.split(recv_sizes)):
                 full[mine.index[s]] = piece.view(mine.shapes[s])
-            full = orthogonalise(full, self.defaults["ns_steps"], self.ns_dtype).to(dtype)
+            full = orthogonalise(full, self.ns_steps, self.ns_dtype).to(dtype)
             send = torch.cat([full[mine.index[s]].reshape(-1) for s in range(world)])
         else:
             send = updates[0].new_empty(0)
-        returned = _all_to_all(send, send_sizes, back_sizes, group)
+        returned = _all_to_all(send, send_sizes, recv_sizes, group)
         return [piece.view(updates[k].shape) for k, piece in enumerate(returned.split(send_sizes)[:len(params)])]
 
 
