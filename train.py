@@ -41,6 +41,7 @@ from titan_mm.train.lr_scheduler import build_lr_scheduler
 from titan_mm.train.metrics import LossHistory, MetricsLogger, device_peak_tflops
 from titan_mm.train.nonfinite import NonFiniteError, NonFiniteGuard, parameters_are_finite
 from titan_mm.train.optimizer import build_optimizer
+from titan_mm.train.param_groups import check_module_groups, freeze_module_groups
 from titan_mm.train.prefetch import DevicePrefetcher
 from titan_mm.train.preemption import PreemptionHandler
 from titan_mm.train.resume import TrainingComplete, job_fingerprint, plan_resume
@@ -83,6 +84,8 @@ class Trainer:
             raise ConfigError(f"model.flavor={cfg.model.flavor!r} is not a flavor of {spec.name}; "
                               f"choose one of {sorted(spec.flavors)}")
         self.model_args = spec.flavors[cfg.model.flavor]
+        check_module_groups(cfg.training.freeze, spec.param_policy, "training.freeze")
+        check_module_groups(list(cfg.optimizer.lr_multipliers), spec.param_policy, "optimizer.lr_multipliers")
         if cfg.checkpoint.initial_load_hf_path and spec.hf_adapter is not None:
             self.model_args = hf_folder_args(spec, cfg)
         self.training_flops = spec.training_flops
@@ -150,6 +153,10 @@ class Trainer:
             n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             logger.info("LoRA rank %d on %d Linear layers: %.3fM trainable parameters, the rest frozen",
                         cfg.lora.rank, len(adapted), n_trainable / 1e6)
+        if cfg.training.freeze:
+            # before sharding: FSDP2 then allocates no gradients for them (LoRA adapters included)
+            frozen = freeze_module_groups(model, cfg.training.freeze, spec.param_policy)
+            logger.info("frozen %s: %.2fM parameters", cfg.training.freeze, frozen / 1e6)
 
         self.compute_dtype = resolve_dtype(cfg.training, self.device)
         if cfg.training.param_dtype == "bf16":
@@ -166,8 +173,8 @@ class Trainer:
 
         # one optimizer and LR schedule per model part (pipeline stage): checkpoints name parameters
         # per part
-        self.optimizers = [build_optimizer(cfg.optimizer, m, self.device, capturable=cfg.compile.cuda_graph)
-                           for m in self.model_parts]
+        self.optimizers = [build_optimizer(cfg.optimizer, m, self.device, capturable=cfg.compile.cuda_graph,
+                                           policy=spec.param_policy) for m in self.model_parts]
         self.lr_schedulers = [build_lr_scheduler(cfg.lr_scheduler, o, cfg.training.steps) for o in self.optimizers]
         self.nonfinite = NonFiniteGuard(cfg.training, self.optimizers, self.device)
         if self.rank == 0 and cfg.data.plan_samples:

@@ -160,14 +160,25 @@ class Training:
     (optimizer.implementation = auto or fused), which takes the flag on the device."""
     nonfinite_max_consecutive: int = 5
     """nonfinite = "skip": stop the run after this many non-finite steps in a row."""
+    freeze: list[str] = field(default_factory=list)
+    """Module groups that do not train, e.g. ["vision", "decoder"] to align a projector: no
+    gradients, no optimizer state (FSDP keeps no gradient buffers for them), weights unchanged.
+    Module groups: vision, projector, decoder (llama: decoder)."""
 
 
 @dataclass
 class Optimizer:
-    name: Literal["AdamW"] = "AdamW"
-    """Optimizer class."""
+    name: Literal["adamw", "muon"] = "adamw"
+    """adamw = AdamW for every parameter; muon = Muon (Newton-Schulz orthogonalised Nesterov
+    momentum, scaled by Moonlight's 0.2 sqrt(max(m, n)) so that lr and weight_decay carry over from
+    AdamW) for the weight matrices of the vision and decoder blocks, AdamW with the settings below
+    for everything else (docs/optimizers.md)."""
     lr: float = 1e-3
     """Peak learning rate."""
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    """Learning rate of a module group as a multiple of lr, e.g. {vision = 0.1} (command line:
+    vision=0.1,projector=2). Module groups: vision, projector, decoder (llama: decoder); groups not
+    named train at lr."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -179,6 +190,14 @@ class Optimizer:
     implementation: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
     """AdamW kernel: auto = fused (GPU and CPU alike: its found_inf input is how training.nonfinite =
     "skip" drops a step without a host sync)."""
+    muon_momentum: float = 0.95
+    """Muon: momentum of the matrices' gradients (Nesterov if muon_nesterov)."""
+    muon_nesterov: bool = True
+    """Muon: orthogonalise grad + momentum * (buffer - grad) rather than the buffer."""
+    muon_ns_steps: int = 5
+    """Muon: quintic Newton-Schulz iterations."""
+    muon_ns_dtype: Literal["bf16", "fp32"] = "bf16"
+    """Muon: dtype of the Newton-Schulz iteration (fp32: for exact comparisons, e.g. layout parity tests)."""
 
 
 @dataclass
@@ -411,6 +430,7 @@ _POSITIVE = {
     "data.image_slots_per_row", "data.patches_per_slot", "data.min_pixels", "data.max_pixels",
     "data.pack_open_bins", "data.shuffle_buffer", "data.video_fps", "data.video_max_frames", "training.steps", "training.local_batch_size", "training.seq_len",
     "training.gradient_accumulation_steps", "training.nonfinite_max_consecutive", "optimizer.lr",
+    "optimizer.lr_multipliers", "optimizer.muon_ns_steps",
     "checkpoint.interval", "eval.max_new_tokens", "eval.batch_size",
     "metrics.log_freq", "parallelism.tensor_parallel_degree", "parallelism.pipeline_parallel_degree",
     "parallelism.pipeline_parallel_stages_per_rank", "lora.rank",
@@ -421,7 +441,7 @@ _NON_NEGATIVE = {
     "eval.interval", "eval.max_samples",
 }
 _UNIT_INTERVAL = {"lora.dropout", "lr_scheduler.decay_ratio", "lr_scheduler.min_lr_ratio", "optimizer.beta1",
-                  "optimizer.beta2"}
+                  "optimizer.beta2", "optimizer.muon_momentum"}
 
 
 def _check_values(cfg: JobConfig) -> list[str]:
@@ -430,10 +450,11 @@ def _check_values(cfg: JobConfig) -> list[str]:
         for f in dataclasses.fields(getattr(cfg, section.name)):
             key = f"{section.name}.{f.name}"
             value = getattr(getattr(cfg, section.name), f.name)
-            if f.type in ("float", "list[float]") and not all(map(math.isfinite, _as_list(value))):
+            numbers = f.type in ("float", "list[float]", "dict[str, float]")
+            if numbers and not all(map(math.isfinite, _as_list(value))):
                 errors.append(f"{key} = {value!r} must be a finite number")
                 continue
-            if key in _POSITIVE and not value > 0:
+            if key in _POSITIVE and not all(v > 0 for v in _as_list(value)):
                 errors.append(f"{key} = {value!r} must be > 0")
             if key in _NON_NEGATIVE and not (value == "auto" or value >= 0):
                 errors.append(f"{key} = {value!r} must be >= 0")
@@ -443,6 +464,9 @@ def _check_values(cfg: JobConfig) -> list[str]:
         errors.append(f"training.nonfinite = \"skip\" drops a step inside the fused AdamW kernel, but "
                       f"optimizer.implementation = {cfg.optimizer.implementation!r}; set it to \"fused\" or "
                       f"\"auto\", or set training.nonfinite = \"stop\"")
+    if cfg.optimizer.name == "muon" and cfg.compile.cuda_graph:
+        errors.append("optimizer.name = \"muon\" exchanges matrices between ranks and is not captured in a CUDA "
+                      "graph; set compile.cuda_graph = false or optimizer.name = \"adamw\"")
     if cfg.training.param_dtype == "bf16" and cfg.training.mixed_precision == "fp32":
         errors.append("training.param_dtype = \"bf16\" computes in bf16, but training.mixed_precision = "
                       "\"fp32\"; set mixed_precision to \"auto\" or \"bf16\", or param_dtype to \"fp32\"")
@@ -474,6 +498,9 @@ def _check_values(cfg: JobConfig) -> list[str]:
 
 
 def _as_list(value) -> list:
+    """A list's items, a dict's values, or the value alone."""
+    if isinstance(value, dict):
+        return list(value.values())
     return value if isinstance(value, list) else [value]
 
 
@@ -542,6 +569,8 @@ def _convert(value, tp, key: str):
         if value not in choices:
             raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
         return value
+    if origin is dict:
+        return _convert_dict(value, typing.get_args(tp), key)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -580,6 +609,19 @@ def _convert(value, tp, key: str):
             raise ConfigError(f"{key} expects a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _convert_dict(value, types_: tuple, key: str) -> dict:
+    """A TOML table, or "a=1,b=2" from the command line."""
+    key_tp, value_tp = types_
+    if isinstance(value, str):
+        pairs = [item.partition("=") for item in value.split(",") if item]
+        if any(not eq for _, eq, _ in pairs):
+            raise ConfigError(f"{key} expects name=value pairs separated by commas, got {value!r}")
+        value = {k.strip(): v.strip() for k, _, v in pairs}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} expects a table such as {{name = value}}, got {value!r}")
+    return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
 
 
 def _convert_union(value, options: tuple, key: str):
@@ -702,6 +744,8 @@ def _toml_value(v) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return repr(v)
 
 

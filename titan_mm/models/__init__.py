@@ -9,6 +9,18 @@ from torch import nn
 from titan_mm.config import ConfigError
 
 
+@dataclass(frozen=True)
+class ParamPolicy:
+    """How a family's parameters are grouped for training (titan_mm/train/param_groups.py)."""
+
+    module_groups: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"decoder": ("decoder",)})
+    """Module group (what training.freeze and optimizer.lr_multipliers name) -> the parameter-name
+    prefixes it covers; the longest matching prefix decides."""
+    matrix_modules: tuple[type[nn.Module], ...] = (nn.Linear,)
+    """Modules whose ``weight`` is a weight matrix (weight decay; Muon inside transformer blocks).
+    Every other parameter (norms, biases, embeddings, position tables) has no weight decay."""
+
+
 @dataclass
 class ModelSpec:
     name: str
@@ -29,6 +41,8 @@ class ModelSpec:
     pipeline_first_stage_layers: Callable | None = None
     """pipeline_first_stage_layers(args) -> how many leading decoder layers the first pipeline stage
     must hold (Qwen3-VL adds DeepStack vision features after them); None = 1."""
+    param_policy: ParamPolicy = field(default_factory=ParamPolicy)
+    """Module groups and weight-matrix modules of the family."""
 
 
 def get_model_spec(name: str) -> ModelSpec:

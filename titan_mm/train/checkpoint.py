@@ -76,8 +76,10 @@ _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class OptimizerState(Stateful):
-    """One optimizer per model part; flattened state ("state.<param name>.exp_avg", "param_groups.<param
-    name>.lr"), so no entry depends on how parameters are grouped or placed."""
+    """One optimizer per model part; flattened state ("state.<param name>.<state key>", e.g. AdamW's
+    exp_avg or Muon's momentum_buffer, and "param_groups.<param name>.lr"), so no entry depends on
+    which optimizer it is or on how parameters are grouped or placed. Only trainable parameters have
+    entries (a frozen one has no optimizer state)."""
 
     def __init__(self, model_parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]):
         self.model_parts, self.optimizers = model_parts, optimizers
@@ -94,15 +96,15 @@ class OptimizerState(Stateful):
 
     def load_state_dict(self, state_dict):
         for part, opt in zip(self.model_parts, self.optimizers):
-            kept = [{k: g[k] for k in (*_IMPLEMENTATION, "lr")} for g in opt.param_groups]
+            kept = [{k: g[k] for k in (*_IMPLEMENTATION, "lr") if k in g} for g in opt.param_groups]
             set_optimizer_state_dict(part, opt, state_dict, options=_FLAT)
             for group, before in zip(opt.param_groups, kept):
                 # the saved values, in this run's form: its own kernels (fused, capturable...), and an
                 # lr tensor stays the same tensor (a captured CUDA graph reads it)
-                group.update({k: before[k] for k in _IMPLEMENTATION})
+                group.update({k: before[k] for k in _IMPLEMENTATION if k in before})
                 if isinstance(before["lr"], torch.Tensor):
                     group["lr"] = before["lr"].fill_(float(group["lr"]))
-                if group["capturable"] or group["fused"]:  # their step counts live on the device
+                if group.get("capturable") or group.get("fused"):  # their step counts live on the device
                     for p in group["params"]:
                         state = opt.state.get(p, {})
                         if "step" in state:
@@ -115,7 +117,8 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 _IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
-"""Optimizer settings of the running job, not of the job that saved the checkpoint."""
+"""Optimizer settings of the running job, not of the job that saved the checkpoint (those a group
+has: AdamW's and Muon's differ)."""
 
 
 class LRSchedulerState(Stateful):

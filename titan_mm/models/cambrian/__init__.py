@@ -3,12 +3,15 @@
 
 import dataclasses
 
-from titan_mm.models import ModelSpec
+from torch import nn
+
+from titan_mm.models import ModelSpec, ParamPolicy
 from titan_mm.models.cambrian.encoders import EncoderArgs
 from titan_mm.models.clip import FLAVORS as CLIP_FLAVORS
 from titan_mm.models.clip.model import CLIPVisionArgs
 from titan_mm.models.dinov2 import FLAVORS as DINOV2_FLAVORS
 from titan_mm.models.dinov2.model import Dinov2Args
+from titan_mm.models.image_vit import PatchEmbed
 from titan_mm.models.llava import QWEN_IMAGE_PAD_ID
 from titan_mm.models.cambrian.model import CambrianArgs, CambrianModel, training_flops
 from titan_mm.models.cambrian.parallelize import (parallelize_cambrian, pipeline_first_stage_layers,
@@ -66,4 +69,13 @@ FLAVORS["debug-untied"] = dataclasses.replace(
 
 SPEC = ModelSpec(name="cambrian", flavors=FLAVORS, model_cls=CambrianModel, parallelize=parallelize_cambrian,
                  training_flops=training_flops, tensor_parallel_sizes=tensor_parallel_sizes,
-                 pipeline_first_stage_layers=pipeline_first_stage_layers)
+                 pipeline_first_stage_layers=pipeline_first_stage_layers,
+                 # the towers are the vision encoder; the SVA (aggregator layers, queries, the decoder's
+                 # SVA layers), the per-tower projections and the projection to the decoder are the projector
+                 param_policy=ParamPolicy(
+                     module_groups={"vision": ("vision.encoders",),
+                                    "projector": ("vision.projections", "vision.queries", "vision.layers",
+                                                  "vision.image_newline", "vision.projector_1", "vision.projector_2",
+                                                  "decoder_sva"),
+                                    "decoder": ("decoder",)},
+                     matrix_modules=(nn.Linear, PatchEmbed)))

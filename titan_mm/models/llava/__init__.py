@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from titan_mm.models import ModelSpec
+from titan_mm.models import ModelSpec, ParamPolicy
 from titan_mm.models.llama import FLAVORS as TEXT_FLAVORS
 from titan_mm.models.llama.model import DecoderArgs
 from titan_mm.models.llama.parallelize import vlm_tensor_parallel_sizes
@@ -52,4 +52,6 @@ FLAVORS["debug-untied"] = dataclasses.replace(
 
 SPEC = ModelSpec(name="llava", flavors=FLAVORS, model_cls=LlavaModel, parallelize=parallelize_llava,
                  training_flops=training_flops, hf_adapter=LlavaAdapter(),
-                 tensor_parallel_sizes=vlm_tensor_parallel_sizes)
+                 tensor_parallel_sizes=vlm_tensor_parallel_sizes,
+                 param_policy=ParamPolicy(module_groups={"vision": ("vision",), "projector": ("projector",),
+                                                         "decoder": ("decoder",)}))

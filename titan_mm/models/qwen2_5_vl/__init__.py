@@ -3,11 +3,14 @@ with M-RoPE."""
 
 import dataclasses
 
-from titan_mm.models import ModelSpec
+from torch import nn
+
+from titan_mm.models import ModelSpec, ParamPolicy
 from titan_mm.models.llama.model import DecoderArgs
 from titan_mm.models.llama.parallelize import vlm_tensor_parallel_sizes
 from titan_mm.models.qwen2_5_vl.hf_adapter import Qwen2_5_VLAdapter
-from titan_mm.models.qwen2_5_vl.model import Qwen2_5_VLArgs, Qwen2_5_VLModel, VisionArgs, training_flops
+from titan_mm.models.qwen2_5_vl.model import (PatchEmbed, Qwen2_5_VLArgs, Qwen2_5_VLModel, VisionArgs,
+                                              training_flops)
 from titan_mm.models.qwen2_5_vl.parallelize import parallelize_qwen2_5_vl
 
 
@@ -49,4 +52,8 @@ FLAVORS["debug-untied"] = dataclasses.replace(
 
 SPEC = ModelSpec(name="qwen2_5_vl", flavors=FLAVORS, model_cls=Qwen2_5_VLModel,
                  parallelize=parallelize_qwen2_5_vl, training_flops=training_flops,
-                 hf_adapter=Qwen2_5_VLAdapter(), tensor_parallel_sizes=vlm_tensor_parallel_sizes)
+                 hf_adapter=Qwen2_5_VLAdapter(), tensor_parallel_sizes=vlm_tensor_parallel_sizes,
+                 # the patch embedding is a Linear over pre-cut patches, held in Conv3d's shape
+                 param_policy=ParamPolicy(module_groups={"vision": ("vision",), "projector": ("vision.merger",),
+                                                         "decoder": ("decoder",)},
+                                          matrix_modules=(nn.Linear, PatchEmbed)))

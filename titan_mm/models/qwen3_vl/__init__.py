@@ -2,11 +2,13 @@
 
 import dataclasses
 
-from titan_mm.models import ModelSpec
+from torch import nn
+
+from titan_mm.models import ModelSpec, ParamPolicy
 from titan_mm.models.llama.model import DecoderArgs
 from titan_mm.models.llama.parallelize import vlm_tensor_parallel_sizes
 from titan_mm.models.qwen3_vl.hf_adapter import Qwen3VLAdapter
-from titan_mm.models.qwen3_vl.model import Qwen3VLArgs, Qwen3VLModel, VisionArgs, training_flops
+from titan_mm.models.qwen3_vl.model import PatchEmbed, Qwen3VLArgs, Qwen3VLModel, VisionArgs, training_flops
 from titan_mm.models.qwen3_vl.parallelize import parallelize_qwen3_vl, pipeline_first_stage_layers
 
 # the two ViT shapes of the released checkpoints: 24 x 1024 (2B, 4B) and 27 x 1152 (8B, 32B)
@@ -45,4 +47,10 @@ FLAVORS["debug-untied"] = dataclasses.replace(
 SPEC = ModelSpec(name="qwen3_vl", flavors=FLAVORS, model_cls=Qwen3VLModel, parallelize=parallelize_qwen3_vl,
                  training_flops=training_flops, hf_adapter=Qwen3VLAdapter(),
                  tensor_parallel_sizes=vlm_tensor_parallel_sizes,
-                 pipeline_first_stage_layers=pipeline_first_stage_layers)
+                 pipeline_first_stage_layers=pipeline_first_stage_layers,
+                 # the mergers (DeepStack's too) are the projector; the patch embedding is a Linear
+                 # over pre-cut patches, held in Conv3d's shape
+                 param_policy=ParamPolicy(module_groups={"vision": ("vision",),
+                                                         "projector": ("vision.merger", "vision.deepstack_mergers"),
+                                                         "decoder": ("decoder",)},
+                                          matrix_modules=(nn.Linear, PatchEmbed)))
