@@ -14,6 +14,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class ImageSelfAttention(nn.Module):
+    """Multi-head self-attention over the tokens of each image, unmasked, with HF's module names
+    (q_proj, k_proj, v_proj, out_proj; the same in CLIP, DINOv2 and SigLIP2, so one tensor-parallel
+    plan fits all)."""
+
+    def __init__(self, dim: int, n_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.head_dim = dim // n_heads
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x_BLD.shape
+        # [B, heads, L, head_dim]; under tensor parallelism this rank's heads
+        q, k, v = (proj(x_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)  # every token sees its whole image: no mask
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
 class PatchEmbed(nn.Module):
     """Cuts images into p x p patches and embeds them with one matmul. The weight keeps the shape
     of HF's stride-equals-kernel Conv2d [dim, C, p, p], so checkpoints map by renaming alone."""

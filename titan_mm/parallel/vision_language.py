@@ -37,13 +37,21 @@ def parallelize_vision_language(model: nn.Module, parallel_dims: ParallelDims, m
             apply_tp_vision(model.vision.layers, mesh["tp"])
         apply_tp_decoder(model.decoder.layers, mesh["tp"], model.args.decoder.qk_norm)
         apply_tp_embeddings_and_head(model.decoder, mesh["tp"])
+    vision_units = vision_fsdp_units(model.vision) if model.vision is not None else []
+    return checkpoint_compile_shard(model, block_groups, [*vision_units, *model.decoder.layers.values()],
+                                    parallel_dims, mesh, compile_cfg, ac_cfg, param_dtype)
+
+
+def checkpoint_compile_shard(model: nn.Module, block_groups: list[nn.ModuleDict], fsdp_units: list[nn.Module],
+                             parallel_dims: ParallelDims, mesh: DeviceMesh | None, compile_cfg: Compile,
+                             ac_cfg: ActivationCheckpoint, param_dtype: torch.dtype) -> nn.Module:
+    """The order's last three steps: activation checkpointing and compile of every block of
+    ``block_groups``, then FSDP2 with ``fsdp_units`` each a unit of its own (the rest with the root)."""
     for blocks in block_groups:
         apply_activation_checkpointing(blocks, ac_cfg)
     if compile_cfg.enable:
         for blocks in block_groups:
             apply_compile(blocks)
     if parallel_dims.fsdp_enabled:
-        vision = vision_fsdp_units(model.vision) if model.vision is not None else []
-        units = [*vision, *model.decoder.layers.values()]
-        apply_fsdp(units, model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
+        apply_fsdp(fsdp_units, model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
     return model

@@ -15,11 +15,10 @@ from titan_mm.config import ActivationCheckpoint, Compile
 from titan_mm.models.cambrian.encoders import ENCODERS
 from titan_mm.models.cambrian.model import CambrianArgs, CambrianModel
 from titan_mm.models.llama.parallelize import tensor_parallel_sizes as decoder_tensor_parallel_sizes
-from titan_mm.parallel.activation_checkpoint import apply_activation_checkpointing
-from titan_mm.parallel.common import apply_compile, apply_fsdp, fsdp_mesh
 from titan_mm.parallel.parallel_dims import ParallelDims
 from titan_mm.parallel.sequence import apply_sequence_parallel
 from titan_mm.parallel.tensor_parallel import apply_tp_decoder, apply_tp_embeddings_and_head
+from titan_mm.parallel.vision_language import checkpoint_compile_shard
 
 
 def parallelize_cambrian(model: CambrianModel, parallel_dims: ParallelDims, mesh: DeviceMesh | None,
@@ -37,15 +36,9 @@ def parallelize_cambrian(model: CambrianModel, parallel_dims: ParallelDims, mesh
                 ENCODERS[args.encoders[int(k)].kind].apply_tp(encoder, mesh["tp"])
         apply_tp_decoder(model.decoder.layers, mesh["tp"], args.decoder.qk_norm)
         apply_tp_embeddings_and_head(model.decoder, mesh["tp"])
-    for blocks in block_groups:
-        apply_activation_checkpointing(blocks, ac_cfg)
-    if compile_cfg.enable:
-        for blocks in block_groups:
-            apply_compile(blocks)
-    if parallel_dims.fsdp_enabled:
-        units = [block for blocks in block_groups for block in blocks.values()]
-        apply_fsdp(units, model, fsdp_mesh(mesh, parallel_dims.dp_replicate), param_dtype)
-    return model
+    units = [block for blocks in block_groups for block in blocks.values()]
+    return checkpoint_compile_shard(model, block_groups, units, parallel_dims, mesh, compile_cfg, ac_cfg,
+                                    param_dtype)
 
 
 def tensor_parallel_sizes(args: CambrianArgs, cfg) -> dict[str, int]:

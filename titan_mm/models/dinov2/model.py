@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan_mm.models.image_vit import PatchEmbed, layers_to_run, patch_grid, resize_position_table, vit_forward_flops
+from titan_mm.models.image_vit import (
+    ImageSelfAttention, PatchEmbed, layers_to_run, patch_grid, resize_position_table, vit_forward_flops,
+)
 
 
 @dataclass
@@ -72,24 +74,6 @@ class Dinov2Args:
                                  mlp_matrices_params=(3 if self.swiglu else 2) * self.dim * self.ffn_hidden_dim)
 
 
-class Dinov2Attention(nn.Module):
-    def __init__(self, args: Dinov2Args):
-        super().__init__()
-        self.head_dim = args.dim // args.n_heads
-        self.q_proj = nn.Linear(args.dim, args.dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.dim, bias=args.qkv_bias)
-        self.out_proj = nn.Linear(args.dim, args.dim)
-
-    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
-        B, L, _ = x_BLD.shape
-        # [B, heads, L, head_dim]; under tensor parallelism this rank's heads
-        q, k, v = (proj(x_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)  # every token sees its whole image: no mask
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
-
-
 class Dinov2MLP(nn.Module):
     def __init__(self, args: Dinov2Args):
         super().__init__()
@@ -126,7 +110,7 @@ class Dinov2Block(nn.Module):
     def __init__(self, args: Dinov2Args):
         super().__init__()
         self.norm1 = nn.LayerNorm(args.dim, eps=args.norm_eps)
-        self.attn = Dinov2Attention(args)
+        self.attn = ImageSelfAttention(args.dim, args.n_heads, args.qkv_bias)
         self.layer_scale1 = LayerScale(args.dim)
         self.norm2 = nn.LayerNorm(args.dim, eps=args.norm_eps)
         self.mlp = Dinov2SwiGLU(args) if args.swiglu else Dinov2MLP(args)
