@@ -144,9 +144,10 @@ FSDP2_TP2 = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.ten
     (4, 2, [], ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.ulysses_degree", "2"]),
     (2, 1, QWEN3_VL, ["--parallelism.context_parallel_degree", "2"]),
     (2, 1, QWEN2_5_VL, ["--parallelism.ulysses_degree", "2"]),
+    (2, 1, QWEN2_5_VL, ["--parallelism.context_parallel_degree", "2"]),
 ], ids=["fsdp2", "tp2", "fsdp2xtp2", "llama3-untied-tp2", "qwen2_5_vl-tp2", "qwen2_5_vl-fsdp2xtp2", "qwen3_vl-tp2",
         "qwen3_vl-fsdp2xtp2", "cp2", "ulysses2", "fsdp2xcp2", "cp2xtp2", "fsdp2xulysses2", "qwen3_vl-cp2",
-        "qwen2_5_vl-ulysses2"])
+        "qwen2_5_vl-ulysses2", "qwen2_5_vl-cp2"])
 def test_parallel_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout):
     assert_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout)
 
@@ -292,15 +293,17 @@ QWEN3_VL_PP2 = [*PP2, "--parallelism.pipeline_parallel_split_points", "3"]
 
 
 # each takes about 45 s on 2 CPU cores; the slow ones (pytest -m slow) take paths the others cover:
-# Qwen3-VL CP as qwen3_vl-cp2, Qwen2.5-VL PP and Qwen3-VL Ulysses as the other Qwen family's same layout
+# the debug VLM's same 3-D layout for the composition, and for each Qwen family's own pieces
+# (window attention, DeepStack, M-RoPE) its 2-process CP, Ulysses, TP and PP layouts (qwen*-cp2,
+# qwen*-ulysses2 here and in test_pipeline.py, qwen*-fsdp2xtp2); Qwen3-VL PP runs here in 3-D
 @pytest.mark.parametrize("model,layout", [
     ([], FSDP2_TP2 + CP2),
     (UNTIED_2_ROWS, FSDP2_TP2 + PP2),
     # 2 KV heads / tp 2 = 1 KV head per rank for 2 Ulysses ranks: each rank gets a copy
     ([], FSDP2_TP2 + ULYSSES2),
-    (QWEN2_5_VL, FSDP2_TP2 + CP2),
+    pytest.param(QWEN2_5_VL, FSDP2_TP2 + CP2, marks=pytest.mark.slow),
     pytest.param(QWEN2_5_VL + UNTIED_2_ROWS, FSDP2_TP2 + PP2, marks=pytest.mark.slow),
-    (QWEN2_5_VL, FSDP2_TP2 + ULYSSES2),
+    pytest.param(QWEN2_5_VL, FSDP2_TP2 + ULYSSES2, marks=pytest.mark.slow),
     pytest.param(QWEN3_VL, FSDP2_TP2 + CP2, marks=pytest.mark.slow),
     (QWEN3_VL + UNTIED_2_ROWS, FSDP2_TP2 + QWEN3_VL_PP2),
     pytest.param(QWEN3_VL, FSDP2_TP2 + ULYSSES2, marks=pytest.mark.slow),
