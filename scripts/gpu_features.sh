@@ -46,7 +46,7 @@ has mdlm && step mdlm 150 "$PYTHON" scripts/bench_train.py "${qwen3[@]}" --objec
     --objective.mdlm_antithetic true --name qwen3_vl_captions_mdlm --out "$out/captions_mdlm.json"
 has generate && step generate 240 "$PYTHON" scripts/bench_generate.py --flavor 2B --device cuda --new_tokens 128 \
     --batch_sizes 1,16 --out "$out/generate"
-has optimizer && step optimizer 120 "$PYTHON" scripts/bench_optimizer.py --family qwen3_vl --flavor 2B \
+has optimizer && step optimizer 120 "$PYTHON" scripts/bench_optimizer.py --family qwen3_vl --flavor 2B --param-dtype bf16 \
     --out "$out/optimizer"
 has lora && step lora 150 "$PYTHON" scripts/bench_train.py "${qwen3[@]}" --lora.enabled true --lora.rank 16 \
     --lora.alpha 32 --name qwen3_vl_captions_lora16 --out "$out/captions_lora16.json"
