@@ -14,6 +14,7 @@ shows.
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,8 @@ class DevTools:
     def __init__(self, chromium: str = "chromium", width: int = 900, height: int = 640):
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
-        self.profile = tempfile.TemporaryDirectory()
+        # Chromium's helper processes may still write to the profile as it is removed
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
 
         def as_fds_3_and_4():  # the protocol pipe's fixed descriptors in the child
             os.dup2(to_chrome_r, 3)
@@ -43,7 +45,7 @@ class DevTools:
             [chromium, *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={self.profile.name}",
              f"--window-size={width},{height}", "about:blank"],
             # descriptors 3 and 4 stay open in the child: close_fds runs after preexec_fn
-            pass_fds=(3, 4), preexec_fn=as_fds_3_and_4,
+            pass_fds=(3, 4), preexec_fn=as_fds_3_and_4, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_chrome_r)
         os.close(from_chrome_w)
@@ -83,7 +85,17 @@ class DevTools:
         return result["result"].get("value")
 
     def close(self):
-        self.proc.kill()
+        """Close the browser, its helper processes (renderer, GPU, crash handler) too, then its profile."""
+        try:
+            self.session = None
+            self.call("Browser.close")
+            self.proc.wait(timeout=10)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of its process group is left
+        except ProcessLookupError:
+            pass
         self.proc.wait()
         os.close(self._to_chrome)
         os.close(self._from_chrome)
