@@ -11,6 +11,9 @@
 #
 #     scripts/bench_cambrian.sh OUTDIR      # writes OUTDIR/bench_train_{cambrian,llava}_qwen3_8b.json
 #
+# DECODER=qwen3-4b (the default on a GPU of less than 100 GB, e.g. an H100) runs the same towers and
+# aggregator on Qwen3-4B, the largest that fits one 80 GB GPU.
+#
 # On a CPU the same path runs with the debug config:
 #     python scripts/bench_train.py --job.config_file train_configs/cambrian_debug.toml --warmup 1 --steps 2
 set -euo pipefail
@@ -21,8 +24,12 @@ COMMON=(--data.path assets/sample_data/captions_train.jsonl --data.dataset capti
         --model.tokenizer_path assets/tokenizer --training.seq_len 8192 --training.param_dtype bf16
         --activation_checkpoint.mode full --compile.enable true --parallelism.data_parallel_shard_degree 1
         --data.image_slots_per_row 13 --warmup 4 --steps 8)
+gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+DECODER=${DECODER:-$([[ ${gib:-0} -lt 100000 ]] && echo qwen3-4b || echo qwen3-8b)}
+d=${DECODER//[-.]/_}
 python scripts/bench_train.py --job.config_file train_configs/cambrian_qwen3_8b.toml "${COMMON[@]}" \
-    --data.patches_per_slot 600 --name cambrian_qwen3_8b --out "$OUT/bench_train_cambrian_qwen3_8b.json"
+    --model.flavor "siglip2-so400m-clip-l-dinov2-l-$DECODER" \
+    --data.patches_per_slot 600 --name "cambrian_$d" --out "$OUT/bench_train_cambrian_$d.json"
 python scripts/bench_train.py --job.config_file train_configs/llava_siglip2_qwen3_8b.toml "${COMMON[@]}" \
-    --data.patches_per_slot 640 --data.min_pixels 147456 --data.max_pixels 147456 \
-    --name llava_qwen3_8b --out "$OUT/bench_train_llava_qwen3_8b.json"
+    --model.flavor "siglip2-so400m-$DECODER" --data.patches_per_slot 640 --data.min_pixels 147456 \
+    --data.max_pixels 147456 --name "llava_$d" --out "$OUT/bench_train_llava_$d.json"

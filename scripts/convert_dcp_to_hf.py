@@ -4,6 +4,11 @@ folder: sharded safetensors, model.safetensors.index.json and config.json that t
     python scripts/convert_dcp_to_hf.py DCP_FOLDER OUT_HF --model.name llava \\
         --model.flavor siglip2-so400m-qwen3-8b [--dtype bf16] \\
         [--tokenizer TOKENIZER_FOLDER --chat_format qwen3_vl --min_pixels N --max_pixels N]
+        [--mask_token "<|mask|>"]
+
+A vocabulary the run grew (MDLM's mask token) is read from the checkpoint's embedding; with
+``--tokenizer``, ``--mask_token`` (the run's objective.mask_token) adds that token to the written
+tokenizer as the run did.
 
 With ``--tokenizer`` (the run's model.tokenizer_path) the folder also gets the tokenizer files
 with a chat template of ``--chat_format`` (the run's data.chat_format), generation_config.json and
@@ -40,6 +45,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chat_format", default=Data.chat_format, help="data.chat_format of the run")
     parser.add_argument("--min_pixels", type=int, default=Data.min_pixels)
     parser.add_argument("--max_pixels", type=int, default=Data.max_pixels)
+    parser.add_argument("--mask_token", help="objective.mask_token of an MDLM run: added to the tokenizer "
+                                             "when it lacks it, as the run did")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     spec = get_model_spec(opts.name)
@@ -52,8 +59,10 @@ def main(argv: list[str]) -> int:
         return 2
     files = None
     if opts.tokenizer:
-        files = InferenceFiles(Tokenizer(opts.tokenizer, spec.special_tokens), opts.chat_format, opts.min_pixels,
-                               opts.max_pixels)
+        tokenizer = Tokenizer(opts.tokenizer, spec.special_tokens)
+        if opts.mask_token:
+            tokenizer.add_special_token(opts.mask_token)
+        files = InferenceFiles(tokenizer, opts.chat_format, opts.min_pixels, opts.max_pixels)
     dcp_to_hf(spec, opts.dcp_folder, opts.out_hf, opts.flavor, DTYPES[opts.dtype], files)
     print(f"wrote {opts.out_hf}" + ("" if files else " (weights and config.json only: pass --tokenizer for "
                                                      "the tokenizer, chat template and processor files)"))

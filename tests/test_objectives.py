@@ -232,3 +232,36 @@ def test_mdlm_starts_from_an_autoregressive_checkpoint_whose_vocabulary_lacks_th
     assert torch.equal(state["decoder.norm.weight"], stored_norm["decoder.norm.weight"])
     trainer.train()
     assert all(torch.isfinite(loss) for loss in trainer.losses)
+
+
+def test_convert_dcp_to_hf_exports_an_mdlm_checkpoint_whose_vocabulary_grew(tmp_path):
+    """scripts/convert_dcp_to_hf.py on a debug-VLM MDLM checkpoint (576 rows: the mask token grew the
+    512-token vocabulary): the HF folder records 576 and a tokenizer holding <|mask|> at the run's
+    id, transformers loads it with every weight, and the MDLM model read back from the folder gives
+    the checkpoint's logits."""
+    from safetensors.torch import load_file
+
+    from conftest import load_script
+    from test_parallel import seed_checkpoint
+    from titan_mm.generate import load_model_for_inference
+    transformers = pytest.importorskip("transformers")
+    overrides = ("--job.config_file", "train_configs/mdlm_vlm_debug.toml", "--model.flavor", "debug-siglip2")
+    cfg = make_config(tmp_path, *overrides)
+    dcp_folder, hf = seed_checkpoint(tmp_path, *overrides), str(tmp_path / "hf")
+    assert load_script("convert_dcp_to_hf").main([
+        dcp_folder, hf, "--model.name", "llava", "--model.flavor", "debug-siglip2", "--tokenizer", "assets/tokenizer",
+        "--mask_token", cfg.objective.mask_token]) == 0
+    config = transformers.AutoConfig.from_pretrained(hf)
+    assert config.text_config.vocab_size == 576
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    assert tokenizer.convert_tokens_to_ids("<|mask|>") == 512
+    _, info = transformers.AutoModelForImageTextToText.from_pretrained(hf, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    weights = {k: v for f in tmp_path.joinpath("hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert weights["language_model.model.embed_tokens.weight"].shape[0] == 576
+    ours = load_model_for_inference(cfg, checkpoint=dcp_folder)
+    back = load_model_for_inference(cfg, hf_path=hf)
+    assert not ours.objective.causal and not back.objective.causal
+    assert back.tokenizer.token_id("<|mask|>") == ours.tokenizer.token_id("<|mask|>") == 512
+    for (name, a), (_, b) in zip(ours.model.state_dict().items(), back.model.state_dict().items()):
+        assert torch.equal(a, b), name

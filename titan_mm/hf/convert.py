@@ -96,6 +96,20 @@ def hf_to_dcp(spec: ModelSpec, hf_folder: str, out_folder: str, flavor: str | No
     return args
 
 
+def with_stored_vocab(args, stored: dict, dcp_folder: str):
+    """``args`` with the vocabulary size of the checkpoint's token embedding when a run grew it
+    (MDLM's added mask token, titan_mm/objectives/__init__.py); a smaller one is an error."""
+    rows = [meta.size[0] for key, meta in stored.items() if key.endswith("tok_embeddings.weight")]
+    if not rows or rows[0] == args.decoder.vocab_size:
+        return args
+    if rows[0] < args.decoder.vocab_size:
+        raise ValueError(f"{dcp_folder}: the token embedding has {rows[0]} rows, fewer than the flavor's "
+                         f"{args.decoder.vocab_size}; is it a checkpoint of this flavor?")
+    logger.info("%s: vocabulary grown by the run to %d rows (the flavor has %d)", dcp_folder, rows[0],
+                args.decoder.vocab_size)
+    return dataclasses.replace(args, decoder=dataclasses.replace(args.decoder, vocab_size=rows[0]))
+
+
 def dcp_to_hf(spec: ModelSpec, dcp_folder: str, out_folder: str, flavor: str, dtype: torch.dtype | None = None,
               inference_files: InferenceFiles | None = None):
     """Weights of a model-only export or of a full training checkpoint (its model part). A DCP folder
@@ -112,6 +126,7 @@ def dcp_to_hf(spec: ModelSpec, dcp_folder: str, out_folder: str, flavor: str, dt
         # the adapters' alpha / rank is not in the checkpoint: they cannot be merged here
         raise ValueError(f"{dcp_folder} holds LoRA adapters; export them from the run instead "
                          f"(checkpoint.export_hf_path merges them, lora.export_peft_path writes a PEFT folder)")
+    args = with_stored_vocab(args, stored, dcp_folder)
     model = empty_model(spec, args)
     dcp.load({"model": ModelState(model)}, checkpoint_id=dcp_folder)
     save_hf_weights(model, spec.hf_adapter, args, out_folder, dtype=dtype)

@@ -63,6 +63,10 @@ FLAVORS["siglip2-so400m-clip-l-dinov2-l-qwen3-8b"] = CambrianArgs(
     decoder=TEXT_FLAVORS["qwen3-8b"].decoder, query_side=24, sva_dim=1024, sva_heads=16, aggregator_layers=3,
     decoder_sva_layers=tuple(range(0, 30, 3)), image_token_id=QWEN_IMAGE_PAD_ID)
 
+# the same towers and aggregator on Qwen3-4B: the largest that trains on one 80 GB GPU without FSDP
+FLAVORS["siglip2-so400m-clip-l-dinov2-l-qwen3-4b"] = dataclasses.replace(
+    FLAVORS["siglip2-so400m-clip-l-dinov2-l-qwen3-8b"], decoder=TEXT_FLAVORS["qwen3-4b"].decoder)
+
 # the debug model with its own output head, which pipeline parallelism needs
 FLAVORS["debug-untied"] = dataclasses.replace(
     FLAVORS["debug"], decoder=dataclasses.replace(FLAVORS["debug"].decoder, tie_embeddings=False))

@@ -43,6 +43,7 @@ FLAVORS = {
         spatial_merge_size=1, projector_hidden_dim=256, projector_norm=False, image_token_id=4,
     ),
     "siglip2-so400m-qwen3-1.7b": _siglip2_qwen3("qwen3-1.7b"),
+    "siglip2-so400m-qwen3-4b": _siglip2_qwen3("qwen3-4b"),
     "siglip2-so400m-qwen3-8b": _siglip2_qwen3("qwen3-8b"),
 }
 # the debug model with its own output head, which pipeline parallelism needs (the head is on the
