@@ -205,11 +205,14 @@ TP2 = ["--parallelism.tensor_parallel_degree", "2"]
     # the CP pair splits the images and runs the in-decoder SVA on its share of each row (1.7e-7
     # measured); left to pytest -m slow for the CI time budget
     pytest.param(2, 1, CAMBRIAN, ["--parallelism.context_parallel_degree", "2"], marks=pytest.mark.slow),
-], ids=["fsdp2", "tp2", "pp2", "fsdp2xtp2", "cp2"])
+    # Ulysses: the encoders' images split over the pair, heads swapped for sequence around the
+    # decoder's attention (0.0 measured: each head's attention sees the whole row, as one process's)
+    (2, 1, CAMBRIAN, ["--parallelism.ulysses_degree", "2"]),
+], ids=["fsdp2", "tp2", "pp2", "fsdp2xtp2", "cp2", "ulysses2"])
 def test_cambrian_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout):
     """Every encoder, the aggregator and the decoder sharded (FSDP), the encoders and the decoder
     tensor-parallel, all encoders on the first pipeline stage with the in-decoder SVA layers, the
-    encoders' images split over the context-parallel pair: per-step losses within 1e-5 relative
+    encoders' images split over the context-parallel or Ulysses pair: per-step losses within 1e-5 relative
     of one process over 5 steps."""
     assert_layout_matches_single_process(tmp_path, nproc, dp_world, model, layout)
 
