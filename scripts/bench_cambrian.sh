@@ -27,9 +27,9 @@ COMMON=(--data.path assets/sample_data/captions_train.jsonl --data.dataset capti
 gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
 DECODER=${DECODER:-$([[ ${gib:-0} -lt 100000 ]] && echo qwen3-4b || echo qwen3-8b)}
 d=${DECODER//[-.]/_}
-python scripts/bench_train.py --job.config_file train_configs/cambrian_qwen3_8b.toml "${COMMON[@]}" \
+"${PYTHON:-python3}" scripts/bench_train.py --job.config_file train_configs/cambrian_qwen3_8b.toml "${COMMON[@]}" \
     --model.flavor "siglip2-so400m-clip-l-dinov2-l-$DECODER" \
     --data.patches_per_slot 600 --name "cambrian_$d" --out "$OUT/bench_train_cambrian_$d.json"
-python scripts/bench_train.py --job.config_file train_configs/llava_siglip2_qwen3_8b.toml "${COMMON[@]}" \
+"${PYTHON:-python3}" scripts/bench_train.py --job.config_file train_configs/llava_siglip2_qwen3_8b.toml "${COMMON[@]}" \
     --model.flavor "siglip2-so400m-$DECODER" --data.patches_per_slot 640 --data.min_pixels 147456 \
     --data.max_pixels 147456 --name "llava_$d" --out "$OUT/bench_train_llava_$d.json"
