@@ -168,6 +168,14 @@ def test_muon_layout_matches_single_process(tmp_path, nproc, dp_world, layout):
     assert_layout_matches_single_process(tmp_path, nproc, dp_world, MUON_FP32, layout)
 
 
+def test_frozen_vision_and_lr_multipliers_under_fsdp_x_tp_match_single_process(tmp_path):
+    """A frozen ViT (FSDP shards it without gradients; its TP-replicated norms stay frozen) and a
+    10x projector learning rate under FSDP(2) x TP(2): 5 steps' losses within 1e-5 relative of one
+    process."""
+    assert_layout_matches_single_process(
+        tmp_path, 4, 2, ["--training.freeze", "vision", "--optimizer.lr_multipliers", "projector=10"], FSDP2_TP2)
+
+
 def test_lr_multipliers_parse_from_toml_and_command_line(tmp_path):
     from titan_mm.config import load_toml, parse_args, to_toml, JobConfig
     cfg, _ = parse_args(["--optimizer.lr_multipliers", "vision=0.1,projector=2", "--training.freeze", "decoder"])
