@@ -27,7 +27,7 @@ from titan_mm.hf.convert import args_for_hf_folder
 from titan_mm.hf.export import InferenceFiles
 from titan_mm.models import ModelSpec, get_model_spec
 from titan_mm.models.attention import resolve_backend
-from titan_mm.models.lora import apply_lora, init_adapters, is_adapter_key
+from titan_mm.models.lora import apply_lora, init_adapters, trained_under_lora
 from titan_mm.objectives import args_for_objective, build_objective
 from titan_mm.objectives.base import normalise_targets
 from titan_mm.parallel.common import group_by_mesh
@@ -148,13 +148,15 @@ class Trainer:
             model = spec.model_cls(self.model_args)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("model %s/%s: %.2fM parameters", spec.name, cfg.model.flavor, n_params / 1e6)
+        lora_saved = []  # lora.modules_to_save's modules, trained in full beside the adapters
         if cfg.lora.enabled:
-            adapted = apply_lora(model, cfg.lora)
+            adapted, lora_saved = apply_lora(model, cfg.lora)
             n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            logger.info("LoRA rank %d on %d Linear layers: %.3fM trainable parameters, the rest frozen",
-                        cfg.lora.rank, len(adapted), n_trainable / 1e6)
+            logger.info("LoRA rank %d on %d Linear layers, modules_to_save %s: %.3fM trainable parameters, "
+                        "the rest frozen", cfg.lora.rank, len(adapted), lora_saved, n_trainable / 1e6)
         if cfg.training.freeze:
-            # before sharding: FSDP2 then allocates no gradients for them (LoRA adapters included)
+            # before sharding: FSDP2 then allocates no gradients for them (LoRA adapters and
+            # modules_to_save included: applied after LoRA, it can freeze those too)
             frozen = freeze_module_groups(model, cfg.training.freeze, spec.param_policy)
             logger.info("frozen %s: %.2fM parameters", cfg.training.freeze, frozen / 1e6)
 
@@ -192,8 +194,8 @@ class Trainer:
             lr_schedulers=self.lr_schedulers, data_states=self.batches.checkpoint_states(),
             train_state=self.train_state, rank=self.rank, dp_rank=dp_rank, job=self.job,
             group=self.checkpoint_group, hf_adapter=spec.hf_adapter, model_args=self.model_args,
-            saved_model_keys=is_adapter_key if cfg.lora.enabled and cfg.lora.save_adapters_only else None,
-            peft_export_path=cfg.lora.export_peft_path,
+            saved_model_keys=trained_under_lora(lora_saved) if cfg.lora.save_adapters_only else None,
+            peft_export_path=cfg.lora.export_peft_path, peft_modules_to_save=lora_saved,
             inference_files=InferenceFiles(self.tokenizer, cfg.data.chat_format, cfg.data.min_pixels,
                                            cfg.data.max_pixels))
         self.checkpointer.load(self.resume_step)

@@ -376,15 +376,21 @@ class Lora:
     """fnmatch patterns on module names (``*`` also crosses dots): the Linear layers that get
     adapters, e.g. "decoder.layers.*.attention.wq" or "vision.layers.*.attn.*". A pattern that
     matches no Linear layer is an error."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """fnmatch patterns on module names (``*`` also crosses dots): modules trained in full beside the
+    adapters, e.g. "projector" (LLaVA's recipes) or "decoder.output" (PEFT's modules_to_save). A
+    pattern that matches no module, or a module that holds a target_modules layer, is an error.
+    training.freeze still freezes them (it applies after LoRA)."""
     save_adapters_only: bool = False
-    """Training checkpoints hold only the adapters (and their optimizer state), not the frozen base
-    weights; a resume reads the base weights from checkpoint.initial_load_path /
-    initial_load_hf_path (or, without one, re-initialises them from job.seed) and the adapters
-    from the checkpoint."""
+    """Training checkpoints hold only the adapters and modules_to_save (and their optimizer state),
+    not the frozen base weights; a resume reads the base weights from checkpoint.initial_load_path /
+    initial_load_hf_path (or, without one, re-initialises them from job.seed) and the trained
+    weights from the checkpoint."""
     export_peft_path: str = ""
-    """At the last step, also write the adapters as a PEFT folder (adapter_config.json +
-    adapter_model.safetensors, HF module names) here, for PeftModel.from_pretrained on the HF base
-    model; empty = none. checkpoint.export_hf_path writes the adapters merged into the weights."""
+    """At the last step, also write the adapters and modules_to_save as a PEFT folder
+    (adapter_config.json + adapter_model.safetensors, HF module names) here, for
+    PeftModel.from_pretrained on the HF base model; empty = none. checkpoint.export_hf_path writes
+    the adapters merged into the weights."""
 
 
 @dataclass
@@ -477,8 +483,9 @@ def _check_values(cfg: JobConfig) -> list[str]:
                       f"{cfg.data.max_pixels}; lower min_pixels or raise max_pixels")
     errors += _check_mixture(cfg.data)
     errors += _check_data_files(cfg.data)
-    if not cfg.lora.enabled and (cfg.lora.save_adapters_only or cfg.lora.export_peft_path):
-        errors.append("lora.save_adapters_only / lora.export_peft_path are set but lora.enabled = false; "
+    lora = cfg.lora
+    if not lora.enabled and (lora.modules_to_save or lora.save_adapters_only or lora.export_peft_path):
+        errors.append("lora.modules_to_save / save_adapters_only / export_peft_path are set but lora.enabled = false; "
                       "enable LoRA or unset them")
     errors += _check_eval_tasks(cfg.eval)
     if cfg.checkpoint.initial_load_path and cfg.checkpoint.initial_load_hf_path:

@@ -3,7 +3,10 @@
 
 Names: each adapted layer's weight is renamed to HF by the family's adapter, then to the module
 name transformers gives it in memory (``HFAdapter.hf_module_prefixes``), which is what PEFT keys
-are matched against: ``base_model.model.<HF module>.lora_A.weight``.
+are matched against: ``base_model.model.<HF module>.lora_A.weight``. A module trained in full
+(lora.modules_to_save) is written as PEFT saves its trained copy, ``base_model.model.<HF
+module>.<parameter>``, and named in the config's ``modules_to_save`` by its whole HF path (PEFT
+matches those names as suffixes of the loaded model's module names).
 
 Fused HF layers: where HF fuses several of our layers into one (Qwen-VL's ViT qkv = our q, k and
 v projections stacked by rows), n adapters of rank r become one adapter of rank n*r on the fused
@@ -19,21 +22,29 @@ import re
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from titan_mm.hf.adapter import HFAdapter
 from titan_mm.models.lora import LoRALinear
 
 
-def save_peft_adapter(model: torch.nn.Module, adapter: HFAdapter, folder: str):
-    """Every rank joins the gather of the adapters; rank 0 writes."""
+def save_peft_adapter(model: torch.nn.Module, adapter: HFAdapter, folder: str,
+                      modules_to_save: list[str] | None = None):
+    """The adapters and the modules ``modules_to_save`` (lora.modules_to_save, as apply_lora
+    resolved them). Every rank joins the gather; rank 0 writes."""
     loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not loras:
         raise ValueError("the model has no LoRA adapters to export; set lora.enabled = true")
     weights = {name: (full_cpu(m.lora_A.weight), full_cpu(m.lora_B.weight)) for name, m in loras.items()}
+    prefixes = tuple(f"{name}." for name in modules_to_save or [])
+    trained = {k: full_cpu(v) for k, v in get_model_state_dict(model).items() if k.startswith(prefixes)}
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     tensors, config = peft_adapter(loras, weights, adapter)
+    if modules_to_save:
+        saved_tensors, config["modules_to_save"] = peft_modules_to_save(modules_to_save, trained, adapter)
+        tensors.update(saved_tensors)
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
@@ -74,6 +85,27 @@ def peft_adapter(loras: dict[str, LoRALinear], weights: dict[str, tuple[torch.Te
               "use_dora": False, "modules_to_save": None, "rank_pattern": rank_pattern,
               "alpha_pattern": alpha_pattern}
     return tensors, config
+
+
+def peft_modules_to_save(modules: list[str], state_dict: dict[str, torch.Tensor],
+                         adapter: HFAdapter) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(adapter_model.safetensors tensors, adapter_config.json's modules_to_save) of the fully
+    trained ``modules`` (our names; ``state_dict`` holds their full tensors). Each one's HF module is
+    the common parent of its tensors' HF names."""
+    tensors, hf_modules = {}, []
+    for name in modules:
+        ours = {k: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
+        if any(None in parts for parts in adapter.fused_parts(ours).values()):
+            raise ValueError(f"HF fuses layers of lora.modules_to_save's {name!r} with layers outside it; a PEFT "
+                             f"export needs the whole fused HF module in modules_to_save")
+        hf = {hf_module_name(adapter, k): v for k, v in adapter.to_hf(ours).items()}
+        module = ".".join(os.path.commonprefix([k.split(".")[:-1] for k in hf]))
+        if not module:
+            raise ValueError(f"HF spreads lora.modules_to_save's {name!r} over modules with no common parent "
+                             f"({sorted(hf)[:3]} ...); name its parts in lora.modules_to_save instead")
+        tensors.update({f"base_model.model.{k}": v.contiguous() for k, v in hf.items()})
+        hf_modules.append(module)
+    return tensors, hf_modules
 
 
 def hf_module_name(adapter: HFAdapter, checkpoint_name: str) -> str:

@@ -6,10 +6,12 @@ model code (docs/lora.md).
 and adds ``lora_A`` (r x in) and ``lora_B`` (out x r): y = x W^T + b + (alpha / r) B A dropout(x).
 It runs on the meta model, before parallelization, so tensor parallelism shards the adapters with
 their base layer (titan_mm/parallel/tensor_parallel.py) and FSDP shards them with their block.
+Modules named by ``modules_to_save`` (e.g. the projector) stay unfrozen and train in full.
 """
 
 import fnmatch
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -57,29 +59,54 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
-    """Freeze every parameter of ``model``, then give the Linear layers that ``cfg.target_modules``
-    select a trainable adapter. Returns their names."""
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[str]]:
+    """Freeze every parameter of ``model``, give the Linear layers that ``cfg.target_modules`` select
+    a trainable adapter, and unfreeze the modules that ``cfg.modules_to_save`` select. Returns the
+    adapted layers' names and the fully trained modules' names."""
     if not cfg.target_modules:
         raise ConfigError("lora.enabled = true but lora.target_modules is empty: name the Linear layers to adapt")
     linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
-    targets = []
-    for pattern in cfg.target_modules:
-        matched = [name for name in linears if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            raise ConfigError(f"lora.target_modules pattern {pattern!r} matches no Linear layer of the model; "
-                              f"its Linear layers are named like {linears[:4]} ...")
-        targets += [name for name in matched if name not in targets]
+    targets = matching_names(linears, cfg.target_modules, "lora.target_modules", "Linear layer")
     unreachable = [name for name in targets if name in UNREACHABLE_LINEARS]
     if unreachable:
         raise ConfigError(f"lora.target_modules selects {unreachable}, whose weight the objective reads without "
                           f"calling the layer (an adapter there would never run); leave it out")
+    saved = modules_to_save(model, cfg.modules_to_save, targets)
     model.requires_grad_(False)
     for name in targets:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
         setattr(owner, child, LoRALinear(getattr(owner, child), cfg.rank, cfg.alpha, cfg.dropout))
-    return sorted(targets)
+    for name in saved:
+        model.get_submodule(name).requires_grad_(True)
+    return sorted(targets), saved
+
+
+def matching_names(names: list[str], patterns: list[str], key: str, kind: str) -> list[str]:
+    """The ``names`` that any of ``patterns`` match, in pattern order; a pattern matching none is an error."""
+    matched = []
+    for pattern in patterns:
+        hits = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            raise ConfigError(f"{key} pattern {pattern!r} matches no {kind} of the model; "
+                              f"its {kind}s are named like {names[:4]} ...")
+        matched += [name for name in hits if name not in matched]
+    return matched
+
+
+def modules_to_save(model: nn.Module, patterns: list[str], targets: list[str]) -> list[str]:
+    """The outermost modules that ``patterns`` (lora.modules_to_save) match, none holding a LoRA
+    target: a layer trains either in full or through an adapter."""
+    names = [name for name, _ in model.named_modules() if name]
+    matched = matching_names(names, patterns, "lora.modules_to_save", "module")
+    outermost = sorted(m for m in matched if not any(m.startswith(f"{other}.") for other in matched))
+    for name in outermost:
+        adapted = [t for t in targets if t == name or t.startswith(f"{name}.")]
+        if adapted:
+            raise ConfigError(f"lora.modules_to_save selects {name!r}, which holds the LoRA targets {adapted}; "
+                              f"a layer trains either in full or through an adapter: drop it from "
+                              f"lora.target_modules or from lora.modules_to_save")
+    return outermost
 
 
 def init_adapters(model: nn.Module):
@@ -93,6 +120,13 @@ def is_adapter_key(name: str) -> bool:
     """Whether a state-dict key is an adapter weight (``....lora_A.weight`` / ``....lora_B.weight``)."""
     parts = name.split(".")
     return len(parts) >= 3 and parts[-2] in ADAPTER_PARTS
+
+
+def trained_under_lora(saved_modules: list[str]) -> Callable[[str], bool]:
+    """The test "this state-dict key trains under LoRA": an adapter, or a parameter of one of
+    ``saved_modules`` (lora.modules_to_save). What an adapters-only checkpoint holds."""
+    prefixes = tuple(f"{name}." for name in saved_modules)
+    return lambda name: is_adapter_key(name) or name.startswith(prefixes)
 
 
 def adapter_scalings(model: nn.Module) -> dict[str, float]:

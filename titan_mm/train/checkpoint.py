@@ -173,7 +173,7 @@ class CheckpointManager:
                  optimizers: list, lr_schedulers: list, data_states: dict[str, Stateful],
                  train_state: Stateful, rank: int, dp_rank: int, job: dict, group=None, hf_adapter=None,
                  model_args=None, saved_model_keys: Callable[[str], bool] | None = None, peft_export_path: str = "",
-                 inference_files: InferenceFiles | None = None):
+                 peft_modules_to_save: list[str] | None = None, inference_files: InferenceFiles | None = None):
         """model_parts: the whole model, or this rank's pipeline stages; one optimizer and LR
         scheduler per part. data_states: this rank's data position by checkpoint key
         (titan_mm/data/dataloader.py:data_states). job: what the manifest records of the run
@@ -186,8 +186,9 @@ class CheckpointManager:
         run resumes under another tp or pp degree as long as the data-parallel degree is unchanged.
         Their RNG states are taken to be interchangeable (training draws no random numbers after
         initialisation). saved_model_keys: which weights training checkpoints hold (None = all;
-        LoRA's save_adapters_only: the adapters, the rest coming from the initial weights on resume).
-        peft_export_path: where export_peft writes a LoRA model's adapters (lora.export_peft_path)."""
+        LoRA's save_adapters_only: the adapters and modules_to_save, the rest coming from the initial
+        weights on resume). peft_export_path: where export_peft writes a LoRA model's adapters
+        (lora.export_peft_path), with the modules ``peft_modules_to_save`` (lora.modules_to_save)."""
         self.cfg = cfg
         self.folder = checkpoint_folder(cfg, dump_folder)
         self.rank, self.job, self.group = rank, job, group
@@ -201,7 +202,7 @@ class CheckpointManager:
         self.drill_enospc_step = int(os.environ.get(DRILL_ENOSPC_STEP, "0"))
         self.model_parts = model_parts
         self.hf_adapter, self.model_args, self.inference_files = hf_adapter, model_args, inference_files
-        self.peft_export_path = peft_export_path
+        self.peft_export_path, self.peft_modules_to_save = peft_export_path, peft_modules_to_save or []
         if cfg.initial_load_hf_path or cfg.export_hf_path or peft_export_path:
             if hf_adapter is None:
                 raise ConfigError("this model family has no HF adapter; unset checkpoint.initial_load_hf_path, "
@@ -313,15 +314,16 @@ class CheckpointManager:
         logger.info("exported HF weights to %s in %.1fs", path, time.perf_counter() - start)
 
     def export_peft(self):
-        """The LoRA adapters as a PEFT folder (every rank joins the gather; rank 0 writes)."""
+        """The LoRA adapters and modules_to_save as a PEFT folder (every rank joins the gather; rank 0
+        writes)."""
         (model,) = self.model_parts  # pipeline parallelism refuses the export up front
-        save_peft_adapter(model, self.hf_adapter, self.peft_export_path)
+        save_peft_adapter(model, self.hf_adapter, self.peft_export_path, self.peft_modules_to_save)
         logger.info("exported LoRA adapters as a PEFT folder to %s", self.peft_export_path)
 
     def load(self, step: int | None):
         """Load checkpoint ``step`` (chosen and verified by train/resume.py), or the initial weights."""
         if step is None or self.states["model"].include is not None:
-            # a checkpoint of some weights only (LoRA adapters) goes over the initial ones
+            # a checkpoint of some weights only (LoRA's trained ones) goes over the initial ones
             self.load_initial_weights()
         if step is None:
             return
