@@ -193,15 +193,22 @@ LLAVA_TARGETS = ("decoder.layers.*.attention.w[qkvo]", "decoder.layers.*.feed_fo
                  "vision.layers.*.self_attn.*", "vision.layers.*.mlp.fc1", "projector.linear_1")
 
 
-@pytest.mark.parametrize("targets,saved", [(LLAVA_TARGETS, []), (LLAVA_TARGETS[:-1], ["projector"])],
-                         ids=["adapters", "adapters_and_projector"])
-def test_llava_lora_exports_merged_and_peft_with_equal_logits(tmp_path, targets, saved):
+@pytest.mark.parametrize("targets,saved,checkpointed", [
+    (LLAVA_TARGETS, [], False), (LLAVA_TARGETS[:-1], ["projector"], False), (LLAVA_TARGETS, [], True)],
+    ids=["adapters", "adapters_and_projector", "activation_checkpointed_blocks"])
+def test_llava_lora_exports_merged_and_peft_with_equal_logits(tmp_path, targets, saved, checkpointed):
     """LLaVA (SigLIP2 + Qwen3): our unmerged LoRA model == our model from the merged export (<= 1e-5);
     HF base + the PEFT folder == transformers' model of the merged export (<= 1e-5) == ours (<= 1e-5;
     fp64). With lora.modules_to_save = ["projector"] (its weights moved) the merged export holds our
-    projector exactly and the PEFT folder holds it as PEFT's modules_to_save."""
+    projector exactly and the PEFT folder holds it as PEFT's modules_to_save. With the blocks
+    wrapped by activation checkpointing (as a training run exports them) the names are the same."""
+    from titan_mm.config import ActivationCheckpoint
+    from titan_mm.parallel.activation_checkpoint import apply_activation_checkpointing
     hf = llava.hf_llava("qwen3")
     ours = with_random_adapters(llava.ours_from_hf(hf), *targets, modules_to_save=saved).double()
+    if checkpointed:
+        for blocks in (ours.decoder.layers, ours.vision.layers):
+            apply_activation_checkpointing(blocks, ActivationCheckpoint(mode="full"))
     args = llava.ADAPTER.args_from_hf_config(hf.config.to_dict())
     export_both(ours, llava.ADAPTER, args, tmp_path, saved)
     plain = llava.LlavaModel(args).double()

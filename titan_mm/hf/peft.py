@@ -26,14 +26,14 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from titan_mm.hf.adapter import HFAdapter
-from titan_mm.models.lora import LoRALinear
+from titan_mm.models.lora import LoRALinear, lora_layers
 
 
 def save_peft_adapter(model: torch.nn.Module, adapter: HFAdapter, folder: str,
                       modules_to_save: list[str] | None = None):
     """The adapters and the modules ``modules_to_save`` (lora.modules_to_save, as apply_lora
     resolved them). Every rank joins the gather; rank 0 writes."""
-    loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    loras = lora_layers(model)
     if not loras:
         raise ValueError("the model has no LoRA adapters to export; set lora.enabled = true")
     weights = {name: (full_cpu(m.lora_A.weight), full_cpu(m.lora_B.weight)) for name, m in loras.items()}

@@ -129,9 +129,20 @@ def trained_under_lora(saved_modules: list[str]) -> Callable[[str], bool]:
     return lambda name: is_adapter_key(name) or name.startswith(prefixes)
 
 
+WRAPPER_PARTS = ("_checkpoint_wrapped_module", "_orig_mod")
+"""Module-name parts that activation checkpointing's and torch.compile's wrappers insert; state-dict
+keys (get_model_state_dict) leave them out."""
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every adapted layer of ``model`` by its state-dict name (wrappers' name parts left out)."""
+    return {".".join(p for p in name.split(".") if p not in WRAPPER_PARTS): m
+            for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
 def adapter_scalings(model: nn.Module) -> dict[str, float]:
     """{module name: alpha / rank} of every adapter."""
-    return {name: m.scaling for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return {name: m.scaling for name, m in lora_layers(model).items()}
 
 
 def merge_adapters(state_dict: dict[str, torch.Tensor], scalings: dict[str, float]) -> dict[str, torch.Tensor]:
