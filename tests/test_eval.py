@@ -56,6 +56,21 @@ def test_option_letter_reads_letters_not_articles():
     assert option_letter("D", options) is None
 
 
+def test_mmstar_options_inside_the_question_are_read_and_listed_once():
+    """MMStar's records carry their options in the question ("Options: A: ..., B: ..."): they become
+    the sample's options, and the prompt lists them once, as for an 'options' record."""
+    question = ("Which option describe the object relationship in the image correctly?\nOptions: A: The suitcase "
+                "is on the book., B: The suitcase is beneath the cat., C: The suitcase is beneath the bed.")
+    sample = build_sample("multiple_choice", {"question": question, "answer": "C"}, "r")
+    listed = build_sample("multiple_choice", {"question": question.split("\nOptions:")[0], "answer": "C",
+                                              "options": ["The suitcase is on the book.", "The suitcase is beneath "
+                                                          "the cat.", "The suitcase is beneath the bed."]}, "r")
+    assert sample.options == listed.options and sample.prompt == listed.prompt
+    assert sample.prompt[0]["content"][0]["text"].count("The suitcase is on the book.") == 1
+    with pytest.raises(SampleError, match="Options: A: ..., B: ..."):  # letters out of order: not options
+        build_sample("multiple_choice", {"question": "q?\nOptions: B: x, A: y", "answer": "A"}, "r")
+
+
 def test_malformed_records_are_counted_skips_and_bad_task_specs_config_errors(tmp_path):
     with pytest.raises(SampleError, match="answer 'E' is not one of the option letters"):
         build_sample("multiple_choice", {"question": "q?", "options": ["a", "b"], "answer": "E"}, "r")

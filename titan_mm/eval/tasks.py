@@ -7,8 +7,8 @@ the file's stem. The kinds and the fields each reads (docs/evaluation.md):
   training writes it), ``{"messages"}`` (a conversation in ``data.chat_format``, assistant turns
   scored) or ``{"image", "question", "answer"}`` (one user turn and the answer).
 - ``multiple_choice`` (MMBench / MMStar style): ``{"image", "question", "options", "answer"}``,
-  options a list (lettered A, B, ...) or a ``{"A": ..., "B": ...}`` object, or MMBench's ``A``,
-  ``B``, ``C``, ``D`` columns; an optional ``hint`` goes before the question; ``answer`` is the
+  options a list (lettered A, B, ...) or a ``{"A": ..., "B": ...}`` object, MMBench's ``A``,
+  ``B``, ``C``, ``D`` columns, or MMStar's "Options: A: ..., B: ..." ending the question; an optional ``hint`` goes before the question; ``answer`` is the
   correct letter.
 - ``open_vqa``: ``{"image", "question", "answers"}`` (a list of accepted answers) or ``"answer"``.
 
@@ -21,6 +21,7 @@ appended to multiple-choice and open questions (MULTIPLE_CHOICE_INSTRUCTION, OPE
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from titan_mm.config import ConfigError
@@ -99,7 +100,7 @@ def build_sample(kind: str, record, ref: str) -> Sample:
         return Sample(sample_id, [record])
     question = _text_field(record, "question", ref)
     if kind == "multiple_choice":
-        options = _options(record, ref)
+        question, options = _options(record, question, ref)
         answer = record.get("answer")
         if answer not in options:
             raise SampleError("malformed", f"{ref}: answer {answer!r} is not one of the option letters "
@@ -143,16 +144,37 @@ def _text_field(record: dict, key: str, ref: str) -> str:
     return value
 
 
-def _options(record: dict, ref: str) -> dict[str, str]:
-    """letter -> text, from 'options' (a list or an object) or MMBench's A, B, C, ... columns."""
+def _options(record: dict, question: str, ref: str) -> tuple[str, dict[str, str]]:
+    """(question, letter -> text), the options from 'options' (a list or an object), MMBench's A, B,
+    C, ... columns, or else MMStar's "Options: A: ..., B: ..." at the end of the question (which
+    then loses that part, since the prompt lists the options itself)."""
     options = record.get("options")
     if isinstance(options, list):
         options = {chr(ord("A") + i): o for i, o in enumerate(options)}
     elif options is None:
         options = {letter: record[letter] for letter in "ABCDEFGH" if isinstance(record.get(letter), str)}
+        if not options:
+            question, options = options_in_question(question)
     if not (isinstance(options, dict) and len(options) >= 2
             and all(isinstance(k, str) and len(k) == 1 and k.isupper() and isinstance(v, str) and v.strip()
                     for k, v in options.items())):
         raise SampleError("malformed", f"{ref}: a multiple_choice record needs 'options' (a list of at least "
-                                       f"two strings or a letter -> text object) or columns A, B, ...")
-    return options
+                                       f"two strings or a letter -> text object), columns A, B, ..., or a "
+                                       f"question ending in 'Options: A: ..., B: ...'")
+    return question, options
+
+
+OPTIONS_IN_TEXT = re.compile(r"(?:^|,\s*|\n\s*)([A-H])\s*[:.]\s+")
+
+
+def options_in_question(question: str) -> tuple[str, dict[str, str]]:
+    """MMStar's layout: "stem\nOptions: A: text, B: text, ..." -> (stem, {"A": text, ...}); the
+    letters must run A, B, C, ... in order, else no options are read ({})."""
+    stem, found, listed = question.rpartition("Options:")
+    if not found:
+        return question, {}
+    parts = OPTIONS_IN_TEXT.split(listed.strip())
+    letters, texts = parts[1::2], [t.strip() for t in parts[2::2]]
+    if parts[0].strip() or letters != [chr(ord("A") + i) for i in range(len(letters))]:
+        return question, {}
+    return stem.rstrip(), dict(zip(letters, texts))
