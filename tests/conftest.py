@@ -25,6 +25,21 @@ def train_losses(cfg) -> list[float]:
     return [loss.item() for loss in trainer.losses]
 
 
+def train_without_recompiles(trainer, steps: int) -> list[float]:
+    """Run ``steps`` steps of a compiled trainer with recompiles forbidden after the first step
+    (torch.compiler's fail_on_recompile); each step's loss."""
+    import torch
+    try:
+        for step in range(1, steps + 1):
+            if step == 2:
+                torch.compiler.set_stance("fail_on_recompile")
+            trainer.train_state.step = step
+            trainer.train_step()
+    finally:
+        torch.compiler.set_stance("default")
+    return [loss.item() for loss in trainer.losses]
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     def build(*overrides):

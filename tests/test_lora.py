@@ -9,7 +9,7 @@ import torch
 
 import test_llava_hf as llava
 import test_qwen3_vl as qwen
-from conftest import make_config, train_losses
+from conftest import make_config, train_losses, train_without_recompiles
 from test_parallel import SMALL, assert_layout_matches_single_process, seed_checkpoint
 from test_qwen3_vl import media_root, tok  # noqa: F401 (fixtures)
 from titan_mm.config import ConfigError, Lora
@@ -58,15 +58,7 @@ def test_compiled_lora_trains_like_eager_lora(tmp_path):
     eager = train_losses(make_config(tmp_path / "eager", *common))
     trainer = train.Trainer(make_config(tmp_path / "compiled", *common, "--compile.enable", "true"))
     base = {k: v.clone() for k, v in trainer.model.state_dict().items() if not is_adapter_key(k)}
-    try:
-        for step in range(1, 5):
-            if step == 2:
-                torch.compiler.set_stance("fail_on_recompile")
-            trainer.train_state.step = step
-            trainer.train_step()
-    finally:
-        torch.compiler.set_stance("default")
-    compiled = [loss.item() for loss in trainer.losses]
+    compiled = train_without_recompiles(trainer, 4)
     print("eager", eager, "compiled", compiled)
     assert max(abs(a - b) / abs(b) for a, b in zip(compiled, eager)) < 1e-5, (compiled, eager)
     assert abs(eager[-1] - eager[0]) / eager[0] > 1e-2  # the adapters move the loss

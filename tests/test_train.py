@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import load_script, make_config, train_losses
+from conftest import load_script, make_config, train_losses, train_without_recompiles
 from titan_mm.train.lr_scheduler import lr_multiplier
 from titan_mm.config import ConfigError, LRScheduler
 
@@ -119,21 +119,11 @@ def test_model_learns_to_use_the_images():
 def test_compiled_blocks_do_not_recompile_across_steps(tmp_path):
     """After the first step every compiled graph exists: later steps, whose batches hold other
     documents and images, run with recompiles forbidden (torch.compiler's fail_on_recompile)."""
-    import torch
     import train
     cfg = make_config(tmp_path, "--compile.enable", "true", "--training.seq_len", "256",
                       "--data.image_slots_per_row", "10", "--checkpoint.enable", "false",
                       "--metrics.log_freq", "100", "--training.steps", "4")
-    trainer = train.Trainer(cfg)
-    try:
-        for step in range(1, 5):
-            if step == 2:
-                torch.compiler.set_stance("fail_on_recompile")
-            trainer.train_state.step = step
-            trainer.train_step()
-    finally:
-        torch.compiler.set_stance("default")
-    losses = [loss.item() for loss in trainer.losses]
+    losses = train_without_recompiles(train.Trainer(cfg), 4)
     assert len(losses) == 4 and losses[-1] < losses[0]
 
 
