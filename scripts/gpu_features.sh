@@ -5,10 +5,10 @@
 #   - greedy decoding, titan_mm (eager, CUDA graph) beside transformers' generate (docs/generation.md)
 #   - the optimizer step, Muon against fused AdamW (docs/optimizers.md)
 #   - LoRA and a frozen vision tower against full fine-tuning (docs/lora.md, docs/optimizers.md)
-#   - Cambrian's 9.5B preset beside LLaVA SigLIP2-so400m + Qwen3-8B (docs/cambrian.md; needs an
-#     H200: 76 GB of bf16 states)
+#   - Cambrian's preset beside LLaVA SigLIP2-so400m on the same decoder (docs/cambrian.md): Qwen3-8B
+#     on an H200 (76 GB of bf16 states), Qwen3-4B on an 80 GB GPU
 #
-#   bash scripts/gpu_features.sh OUTDIR      # one H200: about 10 minutes
+#   bash scripts/gpu_features.sh OUTDIR      # one H100: about 15 minutes (docs/benchmarks.md)
 #
 # torchdata, when not installed, is taken from a wheel in .whl/ (as scripts/gpu_real_data.sh does).
 # STAGES picks steps (default: all of data captions mdlm generate optimizer lora frozen cambrian).
