@@ -68,6 +68,42 @@ def test_newton_schulz_brings_singular_values_near_one(shape):
         assert 0.15 < rms < 0.25, rms
 
 
+@pytest.mark.parametrize("shape", [(3, 48, 80), (4, 80, 48)])
+def test_newton_schulz_of_a_stack_is_that_of_each_matrix(shape):
+    """Muon orthogonalises same-shape matrices as one stack: each result is its own matrix's
+    (each normalised by its own norm, the tall ones transposed), fp32."""
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 10.0, 0.1, 3.0])[:shape[0], None, None]
+    stacked = orthogonalise(g, steps=5, dtype=torch.float32)
+    for k in range(shape[0]):
+        torch.testing.assert_close(stacked[k], orthogonalise(g[k], steps=5, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_muon_step_in_stacks_equals_matrix_by_matrix(monkeypatch):
+    """The stacked step (many same-shape matrices together) and one matrix at a time
+    (STACK_ELEMENTS = 1) give the same parameters and momentum after two steps (fp32)."""
+    import titan_mm.train.muon as muon
+    results = []
+    for stack_elements in (muon.STACK_ELEMENTS, 1):
+        monkeypatch.setattr(muon, "STACK_ELEMENTS", stack_elements)
+        model, policy = meta_model("llama")
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        model.init_weights()
+        opt = build_optimizer(Optimizer(name="muon", muon_ns_dtype="fp32"), model, torch.device("cpu"), policy=policy)
+        for step in range(2):
+            for k, p in enumerate(model.parameters()):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + k))
+            opt.step()
+        results.append(({n: p.detach().clone() for n, p in model.named_parameters()},
+                        [s.get("momentum_buffer") for s in opt.state.values()]))
+    (stacked, stacked_state), (single, single_state) = results
+    for n in stacked:
+        torch.testing.assert_close(stacked[n], single[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert sum(b is not None for b in stacked_state) > 2
+    for a, b in zip(stacked_state, single_state):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
 def test_optimizer_state_has_no_entry_for_frozen_parameters_and_lr_multipliers_apply():
     model, policy = meta_model("llava")
     model.to_empty(device="cpu")
