@@ -72,7 +72,8 @@ def test_newton_schulz_brings_singular_values_near_one(shape):
 def test_newton_schulz_of_a_stack_is_that_of_each_matrix(shape):
     """Muon orthogonalises same-shape matrices as one stack: each result is its own matrix's
     (each normalised by its own norm, the tall ones transposed), fp32."""
-    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 10.0, 0.1, 3.0])[:shape[0], None, None]
+    scales = torch.tensor([1.0, 10.0, 0.1, 3.0])[:shape[0], None, None]
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * scales
     stacked = orthogonalise(g, steps=5, dtype=torch.float32)
     for k in range(shape[0]):
         torch.testing.assert_close(stacked[k], orthogonalise(g[k], steps=5, dtype=torch.float32), rtol=1e-5, atol=1e-6)
